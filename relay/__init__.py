@@ -1,0 +1,1 @@
+"""formrelay: a safe web-form-to-support email relay."""
