@@ -223,6 +223,12 @@ class Settings(BaseModel):
         return host, int(port)
 
     @property
+    def allow_test_domains(self) -> bool:
+        """Accept RFC 2606 names (*.test) in addresses: email-validator's test_environment.
+        Never in production, where such an address is a mistake."""
+        return self.env != "production"
+
+    @property
     def is_development(self) -> bool:
         return self.env in ("development", "test", "demo")
 
@@ -250,9 +256,9 @@ def _collect(environ: Mapping[str, str]) -> dict[str, str]:
     return values
 
 
-def _check_address(value: str, var: str, problems: list[str]) -> None:
+def _check_address(value: str, var: str, problems: list[str], *, test_domains: bool) -> None:
     try:
-        validate_email(value, check_deliverability=False)
+        validate_email(value, check_deliverability=False, test_environment=test_domains)
     except EmailNotValidError as exc:
         problems.append(f"{var}: {value!r} is not a valid address ({exc})")
 
@@ -330,11 +336,17 @@ def load_settings(
 
     s = settings
     if "support_address" not in bad:
-        _check_address(s.support_address, "RELAY_SUPPORT_ADDRESS", problems)
+        _check_address(
+            s.support_address, "RELAY_SUPPORT_ADDRESS", problems, test_domains=s.allow_test_domains
+        )
     if "from_address" not in bad:
-        _check_address(s.from_address, "RELAY_FROM_ADDRESS", problems)
+        _check_address(
+            s.from_address, "RELAY_FROM_ADDRESS", problems, test_domains=s.allow_test_domains
+        )
     if s.envelope_from:
-        _check_address(s.envelope_from, "RELAY_ENVELOPE_FROM", problems)
+        _check_address(
+            s.envelope_from, "RELAY_ENVELOPE_FROM", problems, test_domains=s.allow_test_domains
+        )
     if not bad & {"support_address", "from_address"} and (
         s.support_address.lower() == s.from_address.lower()
     ):
