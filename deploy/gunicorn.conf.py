@@ -1,0 +1,34 @@
+"""Gunicorn settings for the formrelay web process (read with `gunicorn -c`).
+
+The web process only validates, checks the CAPTCHA and commits to the outbox; delivery is the
+worker's job, so requests are short and a few sync workers with threads are enough. Every
+value can be overridden from the environment without editing this file.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("FORMRELAY_BIND", "127.0.0.1:8000")
+workers = int(os.environ.get("FORMRELAY_WEB_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
+threads = int(os.environ.get("FORMRELAY_WEB_THREADS", "4"))
+worker_class = "gthread"
+# siteverify is bounded by RELAY_HCAPTCHA_TIMEOUT (5 s) and the visitor-domain check by
+# RELAY_DNS_TIMEOUT; 30 s leaves a wide margin without letting a stuck worker live forever.
+timeout = 30
+graceful_timeout = 20
+keepalive = 5
+max_requests = 2000
+max_requests_jitter = 200
+# Bodies are capped by nginx (client_max_body_size) and by the app; these stop header abuse.
+limit_request_line = 8190
+limit_request_fields = 100
+limit_request_field_size = 8190
+# Proxy headers are interpreted by the app (RELAY_TRUSTED_PROXIES); gunicorn only trusts
+# X-Forwarded-Proto for wsgi.url_scheme from the local nginx.
+forwarded_allow_ips = os.environ.get("FORMRELAY_FORWARDED_ALLOW_IPS", "127.0.0.1")
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("FORMRELAY_GUNICORN_LOGLEVEL", "info")
+# Load the app in each worker, not the master: the outbox engine must not cross a fork.
+preload_app = False
+proc_name = "formrelay-web"

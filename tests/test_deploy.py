@@ -1,0 +1,195 @@
+"""The deployment kit is checked by the tools that will read it: systemd, nginx, YAML."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from relay.config import documented_variables
+from tests.conftest import unavailable
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+UNITS = [
+    "formrelay-web.service",
+    "formrelay-worker.service",
+    "formrelay-queue-check.service",
+    "formrelay-queue-check.timer",
+]
+INSTALL_BIN = "/opt/formrelay/venv/bin/"
+
+
+def _unit(name: str) -> dict[str, list[str]]:
+    """Section -> ["Key=value", ...] of one unit file."""
+    sections: dict[str, list[str]] = {}
+    current = ""
+    for raw in (DEPLOY / "systemd" / name).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            current = line.strip("[]")
+            sections[current] = []
+        else:
+            sections[current].append(line)
+    return sections
+
+
+def test_systemd_units_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` needs the ExecStart binaries to exist: the units are copied
+    with the install prefix pointed at stand-in executables in tmp_path."""
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        unavailable("systemd-analyze is not installed")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for binary in ("gunicorn", "relay"):
+        (bindir / binary).write_text("#!/bin/sh\nexit 0\n")
+        (bindir / binary).chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    for name in UNITS:
+        text = (DEPLOY / "systemd" / name).read_text()
+        (units / name).write_text(text.replace(INSTALL_BIN, f"{bindir}/"))
+    result = subprocess.run(
+        [str(tool), "verify", *(str(units / n) for n in UNITS)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    # verify only warns (exit 0) about unknown keys and bad values: any output is a defect.
+    assert result.stderr.strip() == "", result.stderr
+
+
+@pytest.mark.parametrize("name", ["formrelay-web.service", "formrelay-worker.service"])
+def test_systemd_units_are_sandboxed(name: str) -> None:
+    service = _unit(name)["Service"]
+    for line in (
+        "ProtectSystem=strict",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+        "DynamicUser=yes",
+        "StateDirectory=formrelay",
+        "EnvironmentFile=/etc/formrelay/env",
+        "Restart=on-failure",
+    ):
+        assert line in service, f"{name}: missing {line}"
+    assert any(line.startswith("ExecStart=" + INSTALL_BIN) for line in service)
+
+
+def test_worker_stops_gracefully() -> None:
+    service = _unit("formrelay-worker.service")["Service"]
+    assert "KillSignal=SIGTERM" in service
+    stop = next(line for line in service if line.startswith("TimeoutStopSec="))
+    assert int(re.sub(r"\D", "", stop)) >= 30
+
+
+def test_queue_check_timer_runs_the_check() -> None:
+    service = _unit("formrelay-queue-check.service")["Service"]
+    assert f"ExecStart={INSTALL_BIN}relay queue-check" in service
+    assert any(line.startswith("OnUnitActiveSec=") for line in _unit(UNITS[3])["Timer"])
+
+
+def test_nginx_site_passes_nginx_t(tmp_path: Path) -> None:
+    """The site is included from a minimal main config in a temporary prefix, with a trustme
+    certificate in place of the Let's Encrypt paths."""
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx is None:
+        unavailable("nginx is not installed")
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("forms.example.com")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    site = (DEPLOY / "nginx" / "formrelay.conf").read_text()
+    site = site.replace("/etc/letsencrypt/live/forms.example.com/fullchain.pem", str(cert_path))
+    site = site.replace("/etc/letsencrypt/live/forms.example.com/privkey.pem", str(key_path))
+    site = site.replace("/var/log/nginx/", f"{logs}/")
+    (tmp_path / "site.conf").write_text(site)
+    temp_paths = "\n".join(
+        f"  {kind}_temp_path {tmp_path / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path / 'nginx.pid'};\n"
+        f"error_log {logs / 'error.log'};\n"
+        "events {}\n"
+        "http {\n"
+        f"{temp_paths}\n"
+        f"  access_log {logs / 'access.log'};\n"
+        f"  include {tmp_path / 'site.conf'};\n"
+        "}\n"
+    )
+    result = subprocess.run(
+        [nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "test is successful" in result.stderr
+
+
+def test_nginx_site_sets_the_headers_the_app_trusts() -> None:
+    """RELAY_TRUSTED_PROXIES=1: nginx must overwrite X-Forwarded-For with the peer address."""
+    site = (DEPLOY / "nginx" / "formrelay.conf").read_text()
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in site
+    assert "$proxy_add_x_forwarded_for" not in site
+    assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
+    assert re.search(r"client_max_body_size \d+k;", site)
+
+
+def test_compose_file_is_consistent() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"web", "worker", "postgres", "redis"} <= set(services)
+    for name, service in services.items():
+        image = service.get("image", "")
+        assert re.fullmatch(r"[\w./-]+:[\w.-]+", image), f"{name}: image without a tag"
+        depends = service.get("depends_on", [])
+        for dependency in depends:
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+    assert services["web"]["deploy"]["replicas"] == 2
+    assert services["worker"]["deploy"]["replicas"] == 2
+    assert services["worker"]["command"] == ["relay", "worker"]
+    known = set(documented_variables())
+    for name in ("web", "worker", "migrate"):
+        environment = services[name]["environment"]
+        assert environment["RELAY_ENV"] == "production"
+        assert environment["RELAY_DATABASE_URL"].startswith("postgresql+psycopg://")
+        assert environment["RELAY_RATE_LIMIT_STORAGE"].startswith("redis://redis:")
+        unknown = set(environment) - known
+        assert not unknown, f"{name}: unknown variables {unknown}"
+    for secret in compose["secrets"].values():
+        assert not Path(secret["file"]).is_absolute()
+
+
+def test_dockerfile_runs_as_non_root() -> None:
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    stages = [i for i, line in enumerate(lines) if line.startswith("FROM ")]
+    assert all(lines[i].startswith("FROM python:3.11-slim") for i in stages)
+    final = lines[stages[-1] :]
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
+    assert users, "the final stage never switches user"
+    assert users[-1] not in ("root", "0")
+    assert not any(re.search(r"apt-get install|build-essential|gcc", line) for line in final)
+    assert any("pip install" in line and "--no-cache-dir" in line for line in final)
+    assert final[-1].startswith("CMD ")
