@@ -1,0 +1,1025 @@
+"""The durable outbox: a message is accepted only once it is committed here.
+
+SQLAlchemy Core over SQLite (embedded default: WAL, synchronous=FULL, so a commit survives
+power loss) or PostgreSQL (any number of web nodes and workers share it). The schema is
+versioned with Alembic (`relay db upgrade`); a store is created or migrated on first use.
+
+Claiming hands a due message to one worker under a lease. On PostgreSQL claimers skip each
+other's rows (FOR UPDATE SKIP LOCKED); on SQLite the claim is one short BEGIN IMMEDIATE
+transaction. While a message is `sending`, `next_attempt_at` holds the lease expiry, so a
+message whose worker died becomes due again through the same (status, next_attempt_at) index.
+
+The retry decision is a pure function (`decide`) of the attempt outcome, the message's age and
+the attempt number; the next attempt time is persisted, so a restarted worker keeps the
+schedule.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+
+from relay.config import Settings
+from relay.errors import (
+    ConnectionFailure,
+    DNSError,
+    MessageNotFound,
+    SMTPReplyError,
+    StoreUnavailable,
+)
+from relay.logs import event as log_event
+
+log = logging.getLogger("relay.outbox")
+
+Status = Literal["queued", "sending", "deferred", "delivered", "failed"]
+STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed")
+DUE_STATUSES = ("queued", "deferred", "sending")
+MIGRATION_LOCK_KEY = 0x7265_6C61_7900  # "relay\0": pg_advisory_xact_lock for migrations
+SQLITE_BUSY_TIMEOUT_MS = 5000
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """16 characters of base32 (80 random bits): URL-safe, never starts with "-", unguessable."""
+    return base64.b32encode(secrets.token_bytes(10)).decode().lower()
+
+
+# --- what the outbox stores: shapes of the callers' objects ----------------------------------
+
+
+class BuiltLike(Protocol):
+    """relay.message.BuiltMessage, as far as the outbox reads it."""
+
+    @property
+    def message_id(self) -> str: ...
+    @property
+    def raw(self) -> bytes: ...
+    @property
+    def recipient(self) -> str: ...
+    @property
+    def envelope_from(self) -> str: ...
+    @property
+    def subject(self) -> str: ...
+
+
+class HostTryLike(Protocol):
+    """relay.smtp.HostTry, as far as the outbox reads it."""
+
+    @property
+    def mx_host(self) -> str: ...
+    @property
+    def ip(self) -> str | None: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> str | None: ...
+    @property
+    def code(self) -> int | None: ...
+    @property
+    def enhanced_status(self) -> str | None: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def stage(self) -> str: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def started_at(self) -> datetime: ...
+
+
+class AttemptLike(Protocol):
+    """relay.smtp.AttemptResult, as far as the outbox reads it."""
+
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def hosts(self) -> Sequence[HostTryLike]: ...
+    @property
+    def error(self) -> BaseException | None: ...
+    @property
+    def possible_duplicate(self) -> bool: ...
+
+
+# --- schema ------------------------------------------------------------------------------------
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; stored naive-UTC on SQLite, timestamptz on PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the outbox; use aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+_ts = UTCDateTime
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=True),  # unsigned; NULL once purged
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("recipient", sa.String(320), nullable=False),
+    sa.Column("envelope_from", sa.String(320), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", _ts, nullable=False),
+    sa.Column("first_attempt_at", _ts, nullable=True),
+    sa.Column("last_attempt_at", _ts, nullable=True),
+    sa.Column("next_attempt_at", _ts, nullable=True),
+    sa.Column("finished_at", _ts, nullable=True),
+    sa.Column("last_code", sa.Integer, nullable=True),
+    sa.Column("last_enhanced_status", sa.String(16), nullable=True),
+    sa.Column("last_mx", sa.String(255), nullable=True),
+    sa.Column("last_text", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", _ts, nullable=True),
+    sa.Column("claimed_at", _ts, nullable=True),
+    sa.Column("possible_duplicate", sa.Boolean, nullable=False),
+    sa.Column("failure_reason", sa.Text, nullable=True),
+    sa.Column("purged_at", _ts, nullable=True),
+    sa.Index("ix_messages_due", "status", "next_attempt_at"),
+    sa.Index("ix_messages_created", "created_at"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "outbox_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("started_at", _ts, nullable=False),
+    sa.Column("finished_at", _ts, nullable=False),
+    sa.Column(
+        "outcome", sa.String(16), nullable=False
+    ),  # delivered/temporary/permanent/interrupted
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("enhanced_status", sa.String(16), nullable=True),
+    sa.Column("mx_host", sa.String(255), nullable=True),
+    sa.Column("text", sa.Text, nullable=True),
+    sa.Column("possible_duplicate", sa.Boolean, nullable=False),
+    sa.Column("worker", sa.String(64), nullable=True),
+    sa.Index("ix_attempts_outbox_id", "outbox_id", "number"),
+)
+
+attempt_hosts = sa.Table(
+    "attempt_hosts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "attempt_id", sa.Integer, sa.ForeignKey("attempts.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("mx_host", sa.String(255), nullable=False),
+    sa.Column("ip", sa.String(64), nullable=True),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("tls", sa.String(32), nullable=True),
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("enhanced_status", sa.String(16), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("duration", sa.Float, nullable=False),
+    sa.Column("started_at", _ts, nullable=True),
+    sa.Index("ix_attempt_hosts_attempt_id", "attempt_id", "position"),
+)
+
+
+# --- the retry schedule: pure ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter from `initial` up to `maximum`; fail past `give_up` age."""
+
+    initial: float = 300
+    maximum: float = 3600
+    give_up: float = 432000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RetryPolicy:
+        return cls(settings.retry_initial, settings.retry_max, settings.retry_give_up)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based), from tenacity's
+        wait_exponential_jitter called as a pure function of the attempt number."""
+        wait = wait_exponential_jitter(
+            multiplier=self.initial, max=self.maximum, jitter=self.initial * 0.2
+        )
+        state = RetryCallState(Retrying(), None, (), {})
+        state.attempt_number = max(1, attempt)
+        return float(wait(state))
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status
+    next_attempt_at: datetime | None = None
+    reason: str | None = None
+
+
+def decide(
+    outcome: str,
+    *,
+    attempt: int,
+    created_at: datetime,
+    now: datetime,
+    policy: RetryPolicy,
+    summary: str = "",
+) -> Decision:
+    """What becomes of a message after attempt number `attempt` ended with `outcome`."""
+    if outcome == "delivered":
+        return Decision("delivered")
+    if outcome == "permanent":
+        return Decision("failed", reason=f"permanent failure: {summary}".rstrip(": "))
+    deadline = created_at + timedelta(seconds=policy.give_up)
+    if now >= deadline:
+        age = _human_seconds((now - created_at).total_seconds())
+        return Decision(
+            "failed",
+            reason=f"gave up after {attempt} attempts over {age}: {summary}".rstrip(": "),
+        )
+    # The last try happens at the deadline rather than never.
+    next_at = min(now + timedelta(seconds=policy.delay(attempt)), deadline)
+    return Decision("deferred", next_attempt_at=next_at)
+
+
+def _human_seconds(seconds: float) -> str:
+    return human_age(timedelta(seconds=seconds))
+
+
+def human_age(delta: timedelta) -> str:
+    """ "45s", "3m", "2h", "4d": the one largest unit, for a readable log."""
+    seconds = int(delta.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{sign}{seconds // size}{unit}"
+    return f"{sign}{seconds}s"
+
+
+@dataclass(frozen=True)
+class ReplyFields:
+    code: int | None
+    enhanced_status: str | None
+    mx_host: str | None
+    text: str
+
+
+def reply_fields(result: AttemptLike) -> ReplyFields:
+    """The reply that decided an attempt: the deciding error's data, else the last host's."""
+    last = result.hosts[-1] if result.hosts else None
+    last_mx = last.mx_host if last is not None else None
+    error = result.error
+    if result.outcome != "delivered" and isinstance(error, SMTPReplyError):
+        return ReplyFields(error.code, error.enhanced_status, error.mx_host or last_mx, error.text)
+    if result.outcome != "delivered" and isinstance(error, ConnectionFailure):
+        return ReplyFields(None, None, error.mx_host or last_mx, str(error))
+    if result.outcome != "delivered" and isinstance(error, DNSError):
+        return ReplyFields(None, None, None, str(error))
+    if last is not None:
+        return ReplyFields(last.code, last.enhanced_status, last.mx_host, last.text)
+    return ReplyFields(None, None, None, str(error) if error else "")
+
+
+def format_reply(code: int | None, enhanced: str | None, mx: str | None, text: str | None) -> str:
+    """One line: "451 4.7.1 Greylisted (mx1.support.test)"."""
+    parts = [str(code) if code else "", enhanced or "", (text or "").strip()]
+    line = " ".join(p for p in parts if p)
+    return f"{line} ({mx})" if mx else line
+
+
+# --- records handed to the worker and the CLI ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claimed:
+    id: str
+    message_id: str
+    body: bytes
+    recipient: str
+    envelope_from: str
+    attempt: int  # the number this attempt will have
+    created_at: datetime
+    claimed_at: datetime
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    id: str
+    message_id: str
+    recipient: str
+    envelope_from: str
+    subject: str
+    meta: dict[str, Any]
+    status: str
+    attempts: int
+    size: int
+    created_at: datetime
+    first_attempt_at: datetime | None
+    last_attempt_at: datetime | None
+    next_attempt_at: datetime | None
+    finished_at: datetime | None
+    last_code: int | None
+    last_enhanced_status: str | None
+    last_mx: str | None
+    last_text: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    claimed_at: datetime | None
+    possible_duplicate: bool
+    failure_reason: str | None
+    purged_at: datetime | None
+
+    @property
+    def last_reply(self) -> str:
+        return format_reply(self.last_code, self.last_enhanced_status, self.last_mx, self.last_text)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            out[name] = value.isoformat() if isinstance(value, datetime) else value
+        return out
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    mx_host: str
+    ip: str | None
+    port: int
+    tls: str | None
+    code: int | None
+    enhanced_status: str | None
+    text: str
+    stage: str
+    duration: float
+    started_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    number: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: str
+    code: int | None
+    enhanced_status: str | None
+    mx_host: str | None
+    text: str | None
+    possible_duplicate: bool
+    worker: str | None
+    hosts: tuple[HostRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class MessageDetail:
+    message: MessageRow
+    body: bytes | None
+    attempts: tuple[AttemptRecord, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class QueueHealth:
+    ok: bool
+    reason: str
+    counts: dict[str, int]
+
+
+_MESSAGE_COLUMNS = [c for c in messages.c if c.name != "body"]
+
+
+def _message_row(row: sa.Row[Any]) -> MessageRow:
+    data = dict(row._mapping)
+    data.pop("body", None)
+    data["meta"] = dict(data["meta"] or {})
+    data["possible_duplicate"] = bool(data["possible_duplicate"])
+    return MessageRow(**data)
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+def _sqlite_path(url: sa.URL) -> Path | None:
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for the outbox: pre-pinged pools; SQLite tuned for durability."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = _sqlite_path(parsed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            parsed,
+            pool_pre_ping=True,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_on_connect)
+        event.listen(engine, "begin", _sqlite_on_begin)
+        return engine
+    return sa.create_engine(
+        parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800
+    )
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's deferred BEGIN:
+    # a write transaction takes the lock at its start, so it never fails to upgrade later.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def alembic_config(connection: Connection | None = None) -> Config:
+    """An Alembic Config built in code, pointing into the installed package."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+# --- the outbox ----------------------------------------------------------------------------------
+
+
+class Outbox:
+    """The durable store of messages and their delivery history."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        auto_migrate: bool = True,
+    ) -> None:
+        self.url = url
+        self.clock = clock
+        self.auto_migrate = auto_migrate
+        self._engine: Engine | None = None
+        self._schema_ready = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Outbox:
+        return cls(settings.sqlalchemy_url, clock=clock)
+
+    @property
+    def dialect(self) -> str:
+        return sa.make_url(self.url).get_backend_name()
+
+    @property
+    def engine(self) -> Engine:
+        with self._lock:
+            if self._engine is None:
+                try:
+                    self._engine = make_engine(self.url)
+                except OSError as exc:
+                    raise StoreUnavailable(f"cannot open the outbox store: {exc}") from exc
+            return self._engine
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+
+    # --- schema ---
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Create or migrate the schema (idempotent; safe from several nodes at once)."""
+        with self._store(), self.engine.begin() as conn:
+            command.upgrade(alembic_config(conn), revision)
+        self._schema_ready = True
+
+    def current_revision(self) -> str | None:
+        with self._store(), self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head_revision(self) -> str | None:
+        return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+    def _ready(self) -> None:
+        if self._schema_ready or not self.auto_migrate:
+            return
+        if self.current_revision() != self.head_revision():
+            self.upgrade()
+        self._schema_ready = True
+
+    @contextmanager
+    def _store(self) -> Iterator[None]:
+        """Turn the database's way of saying "not now" into StoreUnavailable."""
+        try:
+            yield
+        except (DBAPIError, OSError) as exc:
+            raise StoreUnavailable(f"outbox store unavailable: {exc}") from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[Connection]:
+        self._ready()
+        with self._store(), self.engine.begin() as conn:
+            yield conn
+
+    # --- accept path ---
+
+    def enqueue(self, built: BuiltLike, *, metadata: Mapping[str, str] | None = None) -> str:
+        """Store an unsigned message, due now; returns its outbox id only after the commit."""
+        now = self.clock()
+        outbox_id = new_id()
+        with self._tx() as conn:
+            conn.execute(
+                messages.insert().values(
+                    id=outbox_id,
+                    message_id=built.message_id,
+                    body=built.raw,
+                    size=len(built.raw),
+                    recipient=built.recipient,
+                    envelope_from=built.envelope_from,
+                    subject=built.subject,
+                    meta=dict(metadata or {}),
+                    status="queued",
+                    attempts=0,
+                    created_at=now,
+                    next_attempt_at=now,
+                    possible_duplicate=False,
+                )
+            )
+        return outbox_id
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers and the schema is in place."""
+        self._ready()
+        with self._store(), self.engine.connect() as conn:
+            conn.execute(sa.select(sa.func.count()).select_from(messages).where(sa.false()))
+
+    # --- worker side ---
+
+    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
+        """Take up to `limit` due messages under a lease held by `owner`.
+
+        A message still `sending` whose lease expired lost its worker mid-attempt: that attempt
+        is recorded as interrupted and the message flagged as a possible duplicate, since the
+        worker may have died after the server accepted it.
+        """
+        if limit <= 0:
+            return []
+        now = self.clock()
+        expires = now + timedelta(seconds=lease_seconds)
+        m = messages.c
+        query = (
+            sa.select(
+                m.id,
+                m.message_id,
+                m.body,
+                m.recipient,
+                m.envelope_from,
+                m.attempts,
+                m.created_at,
+                m.status,
+                m.claimed_at,
+                m.lease_owner,
+            )
+            .where(m.status.in_(DUE_STATUSES), m.next_attempt_at <= now, m.body.is_not(None))
+            .order_by(m.next_attempt_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=messages)
+        claimed: list[Claimed] = []
+        with self._tx() as conn:
+            for row in conn.execute(query).all():
+                number = row.attempts + 1
+                values: dict[str, Any] = {
+                    "status": "sending",
+                    "lease_owner": owner,
+                    "lease_expires_at": expires,
+                    "next_attempt_at": expires,
+                    "claimed_at": now,
+                    "first_attempt_at": sa.func.coalesce(m.first_attempt_at, now),
+                }
+                if row.status == "sending":
+                    self._record_interrupted(
+                        conn,
+                        outbox_id=row.id,
+                        number=number,
+                        started=row.claimed_at or now,
+                        now=now,
+                        worker=row.lease_owner,
+                    )
+                    values.update(attempts=number, possible_duplicate=True, last_attempt_at=now)
+                    number += 1
+                conn.execute(messages.update().where(m.id == row.id).values(**values))
+                claimed.append(
+                    Claimed(
+                        id=row.id,
+                        message_id=row.message_id,
+                        body=bytes(row.body),
+                        recipient=row.recipient,
+                        envelope_from=row.envelope_from,
+                        attempt=number,
+                        created_at=row.created_at,
+                        claimed_at=now,
+                    )
+                )
+        return claimed
+
+    def _record_interrupted(
+        self,
+        conn: Connection,
+        *,
+        outbox_id: str,
+        number: int,
+        started: datetime,
+        now: datetime,
+        worker: str | None,
+        text: str = "the worker lost its lease mid-attempt (killed or stalled); "
+        "the server may have accepted the message",
+    ) -> None:
+        conn.execute(
+            attempts.insert().values(
+                outbox_id=outbox_id,
+                number=number,
+                started_at=started,
+                finished_at=now,
+                outcome="interrupted",
+                text=text,
+                possible_duplicate=True,
+                worker=worker,
+            )
+        )
+        conn.execute(
+            messages.update()
+            .where(messages.c.id == outbox_id)
+            .values(last_code=None, last_enhanced_status=None, last_mx=None, last_text=text)
+        )
+
+    def renew(self, owner: str, ids: Sequence[str], lease_seconds: float) -> int:
+        """Extend the lease of messages still being sent (the worker's heartbeat)."""
+        if not ids:
+            return 0
+        expires = self.clock() + timedelta(seconds=lease_seconds)
+        m = messages.c
+        with self._tx() as conn:
+            result = conn.execute(
+                messages.update()
+                .where(m.id.in_(list(ids)), m.lease_owner == owner, m.status == "sending")
+                .values(lease_expires_at=expires, next_attempt_at=expires)
+            )
+            return int(result.rowcount)
+
+    def release(self, owner: str, ids: Sequence[str], *, started: bool = False) -> int:
+        """Hand claimed messages back, due now (shutdown). `started`: an attempt was cut off,
+        so it is recorded as interrupted and flagged as a possible duplicate."""
+        if not ids:
+            return 0
+        now = self.clock()
+        m = messages.c
+        count = 0
+        with self._tx() as conn:
+            rows = conn.execute(
+                sa.select(m.id, m.attempts, m.claimed_at).where(
+                    m.id.in_(list(ids)), m.lease_owner == owner, m.status == "sending"
+                )
+            ).all()
+            for row in rows:
+                values: dict[str, Any] = {
+                    "status": "deferred" if started or row.attempts else "queued",
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "next_attempt_at": now,
+                }
+                if started:
+                    self._record_interrupted(
+                        conn,
+                        outbox_id=row.id,
+                        number=row.attempts + 1,
+                        started=row.claimed_at or now,
+                        now=now,
+                        worker=owner,
+                        text="the worker stopped during the attempt; "
+                        "the server may have accepted the message",
+                    )
+                    values.update(
+                        attempts=row.attempts + 1, possible_duplicate=True, last_attempt_at=now
+                    )
+                conn.execute(messages.update().where(m.id == row.id).values(**values))
+                count += 1
+        return count
+
+    def record_attempt(
+        self,
+        claimed: Claimed,
+        result: AttemptLike,
+        *,
+        owner: str,
+        policy: RetryPolicy,
+        started_at: datetime | None = None,
+    ) -> Decision:
+        """Store one attempt and every host it tried, then move the message on.
+
+        If another worker took the message over meanwhile (our lease expired), the attempt is
+        still recorded; only a delivery changes the message's state then.
+        """
+        now = self.clock()
+        reply = reply_fields(result)
+        summary = format_reply(reply.code, reply.enhanced_status, reply.mx_host, reply.text)
+        decision = decide(
+            result.outcome,
+            attempt=claimed.attempt,
+            created_at=claimed.created_at,
+            now=now,
+            policy=policy,
+            summary=summary,
+        )
+        m = messages.c
+        with self._tx() as conn:
+            attempt_id = conn.execute(
+                attempts.insert()
+                .values(
+                    outbox_id=claimed.id,
+                    number=claimed.attempt,
+                    started_at=started_at or claimed.claimed_at,
+                    finished_at=now,
+                    outcome=result.outcome,
+                    code=reply.code,
+                    enhanced_status=reply.enhanced_status,
+                    mx_host=reply.mx_host,
+                    text=reply.text,
+                    possible_duplicate=result.possible_duplicate,
+                    worker=owner,
+                )
+                .returning(attempts.c.id)
+            ).scalar_one()
+            if result.hosts:
+                conn.execute(
+                    attempt_hosts.insert(),
+                    [
+                        {
+                            "attempt_id": attempt_id,
+                            "position": position,
+                            "mx_host": host.mx_host,
+                            "ip": host.ip,
+                            "port": host.port,
+                            "tls": host.tls,
+                            "code": host.code,
+                            "enhanced_status": host.enhanced_status,
+                            "text": host.text,
+                            "stage": host.stage,
+                            "duration": host.duration,
+                            "started_at": host.started_at,
+                        }
+                        for position, host in enumerate(result.hosts)
+                    ],
+                )
+            values: dict[str, Any] = {
+                "status": decision.status,
+                "attempts": claimed.attempt,
+                "last_attempt_at": now,
+                "next_attempt_at": decision.next_attempt_at,
+                "last_code": reply.code,
+                "last_enhanced_status": reply.enhanced_status,
+                "last_mx": reply.mx_host,
+                "last_text": reply.text,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "failure_reason": decision.reason,
+                "finished_at": now if decision.status in ("delivered", "failed") else None,
+            }
+            if result.possible_duplicate:
+                values["possible_duplicate"] = True
+            owned = (m.lease_owner == owner) & (m.status == "sending")
+            if decision.status == "delivered":
+                owned = owned | m.status.in_(DUE_STATUSES)
+            updated = conn.execute(
+                messages.update().where(m.id == claimed.id, owned).values(**values)
+            ).rowcount
+            if not updated:
+                log_event(
+                    log,
+                    "delivery.lease_lost",
+                    logging.WARNING,
+                    id=claimed.id,
+                    attempt=claimed.attempt,
+                    outcome=result.outcome,
+                )
+        return decision
+
+    # --- operator side ---
+
+    def list_messages(
+        self,
+        *,
+        status: str | None = None,
+        since: timedelta | None = None,
+        limit: int = 50,
+    ) -> list[MessageRow]:
+        """Newest first."""
+        m = messages.c
+        query = sa.select(*_MESSAGE_COLUMNS).order_by(m.created_at.desc(), m.id).limit(limit)
+        if status:
+            query = query.where(m.status == status)
+        if since is not None:
+            query = query.where(m.created_at >= self.clock() - since)
+        with self._tx() as conn:
+            return [_message_row(row) for row in conn.execute(query).all()]
+
+    def get(self, outbox_id: str) -> MessageRow:
+        with self._tx() as conn:
+            row = conn.execute(
+                sa.select(*_MESSAGE_COLUMNS).where(messages.c.id == outbox_id)
+            ).first()
+        if row is None:
+            raise MessageNotFound(outbox_id)
+        return _message_row(row)
+
+    def show(self, outbox_id: str) -> MessageDetail:
+        """The message, its (unsigned) body if kept, and every attempt with every host."""
+        with self._tx() as conn:
+            row = conn.execute(sa.select(messages).where(messages.c.id == outbox_id)).first()
+            if row is None:
+                raise MessageNotFound(outbox_id)
+            attempt_rows = conn.execute(
+                sa.select(attempts)
+                .where(attempts.c.outbox_id == outbox_id)
+                .order_by(attempts.c.number, attempts.c.id)
+            ).all()
+            host_rows = conn.execute(
+                sa.select(attempt_hosts)
+                .join(attempts, attempts.c.id == attempt_hosts.c.attempt_id)
+                .where(attempts.c.outbox_id == outbox_id)
+                .order_by(attempt_hosts.c.attempt_id, attempt_hosts.c.position)
+            ).all()
+        hosts_by_attempt: dict[int, list[HostRecord]] = {}
+        for h in host_rows:
+            data = dict(h._mapping)
+            attempt_id = data.pop("attempt_id")
+            data.pop("id")
+            data.pop("position")
+            hosts_by_attempt.setdefault(attempt_id, []).append(HostRecord(**data))
+        records = []
+        for a in attempt_rows:
+            data = dict(a._mapping)
+            attempt_id = data.pop("id")
+            data.pop("outbox_id")
+            data["possible_duplicate"] = bool(data["possible_duplicate"])
+            records.append(AttemptRecord(**data, hosts=tuple(hosts_by_attempt.get(attempt_id, []))))
+        body = bytes(row.body) if row.body is not None else None
+        return MessageDetail(_message_row(row), body, tuple(records))
+
+    def retry(self, outbox_id: str) -> bool:
+        """Make a failed or deferred message due now; False if it is in another state."""
+        m = messages.c
+        with self._tx() as conn:
+            exists = conn.execute(sa.select(m.status).where(m.id == outbox_id)).first()
+            if exists is None:
+                raise MessageNotFound(outbox_id)
+            return bool(conn.execute(self._retry_update().where(m.id == outbox_id)).rowcount)
+
+    def retry_failed(self) -> int:
+        """Make every failed message due now."""
+        with self._tx() as conn:
+            return int(
+                conn.execute(self._retry_update().where(messages.c.status == "failed")).rowcount
+            )
+
+    def _retry_update(self) -> sa.Update:
+        m = messages.c
+        return (
+            messages.update()
+            .where(m.status.in_(("failed", "deferred")), m.body.is_not(None))
+            .values(
+                status="deferred",
+                next_attempt_at=self.clock(),
+                failure_reason=None,
+                finished_at=None,
+            )
+        )
+
+    def purge(self, older_than: timedelta) -> int:
+        """Drop the bodies of delivered and failed messages older than that; keep the log."""
+        now = self.clock()
+        m = messages.c
+        with self._tx() as conn:
+            return int(
+                conn.execute(
+                    messages.update()
+                    .where(
+                        m.status.in_(("delivered", "failed")),
+                        m.created_at < now - older_than,
+                        m.body.is_not(None),
+                    )
+                    .values(body=None, purged_at=now)
+                ).rowcount
+            )
+
+    def counts(self) -> dict[str, int]:
+        m = messages.c
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(m.status, sa.func.count()).group_by(m.status)).all()
+        return {status: int(count) for status, count in rows}
+
+    def queue_check(self, max_age: timedelta) -> QueueHealth:
+        """Healthy unless a message failed, or one not delivered has waited longer than that."""
+        now = self.clock()
+        m = messages.c
+        counts = self.counts()
+        with self._tx() as conn:
+            oldest = conn.execute(
+                sa.select(sa.func.min(m.created_at)).where(
+                    m.status.in_(("queued", "sending", "deferred"))
+                )
+            ).scalar()
+            failed = conn.execute(
+                sa.select(m.id, m.failure_reason)
+                .where(m.status == "failed")
+                .order_by(m.finished_at.desc())
+                .limit(1)
+            ).first()
+        pending = sum(counts.get(s, 0) for s in ("queued", "sending", "deferred"))
+        if failed is not None:
+            return QueueHealth(
+                False,
+                f"{counts.get('failed', 0)} failed message(s); latest {failed.id}: "
+                f"{failed.failure_reason or 'failed'}",
+                counts,
+            )
+        if oldest is not None and now - oldest > max_age:
+            return QueueHealth(
+                False,
+                f"{pending} undelivered message(s); the oldest has waited "
+                f"{human_age(now - oldest)} (limit {human_age(max_age)})",
+                counts,
+            )
+        return QueueHealth(
+            True,
+            f"ok {pending} pending, {counts.get('delivered', 0)} delivered, 0 failed",
+            counts,
+        )
+
+
+__all__ = [
+    "STATUSES",
+    "AttemptLike",
+    "Claimed",
+    "Decision",
+    "MessageDetail",
+    "MessageRow",
+    "Outbox",
+    "QueueHealth",
+    "RetryPolicy",
+    "StoreUnavailable",
+    "decide",
+    "human_age",
+    "utcnow",
+]
