@@ -1,0 +1,343 @@
+"""Turn a form submission into one safe RFC 5322 message (pure: no I/O, no clock unless asked).
+
+The message is ours, not the visitor's: From is our own DKIM-aligned address with the
+visitor's name as display name, To is the configured support address, and the visitor's
+address only goes in Reply-To (and, because some hops strip Reply-To, in the body).
+
+Header injection is made impossible twice over. First, every user-supplied text is sanitised
+(control characters, line and paragraph separators, bidi overrides and zero-width characters
+removed; ``=?`` broken up so that no text of ours can be read back as an RFC 2047 encoded word,
+which Python 3.11.7 would decode into a raw CR/LF: CVE-2024-6923). Second, the finished bytes
+are parsed back and must yield exactly HEADER_SET with exactly the values we meant, or the
+build fails with HeaderInjectionError.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import unicodedata
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import format_datetime
+from types import MappingProxyType
+
+from email_validator import EmailNotValidError, validate_email
+
+from relay.config import Settings
+from relay.errors import HeaderInjectionError, MessageError
+
+# Limits shared with forms.py: a value longer than this is cut, never refused by the builder.
+NAME_MAX = 200
+SUBJECT_MAX = 200
+EMAIL_MAX = 254
+MESSAGE_MAX = 20000
+METADATA_KEY_MAX = 64
+METADATA_VALUE_MAX = 2000
+METADATA_MAX_ITEMS = 50
+
+# RFC 5322 §2.1.1: a line MUST be no more than 998 characters, excluding the CRLF.
+MAX_LINE = 998
+# RFC 2045 §6.7: encoded lines are no more than 76 characters.
+_QP_LINE = 76
+
+HEADER_SET: tuple[str, ...] = (
+    "From",
+    "To",
+    "Reply-To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+)
+
+NO_SUBJECT = "(no subject)"
+
+_POLICY = email.policy.SMTP  # default policy with CRLF line endings, folding at 78
+_PARSE_POLICY = email.policy.default
+
+# Everything str.splitlines() treats as a line break.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_ZERO_WIDTH = frozenset("\u200b\u200c\u200d\u2060\ufeff\u180e\u200e\u200f\u061c")
+_LINE_BREAK_RE = re.compile("\r\n|[" + _LINE_BREAKS + "]")
+_SPACES_RE = re.compile(r"\s+")
+_ENCODED_WORD_START = re.compile(r"=(\s*)\?")
+
+_MESSAGE_ID_RE = re.compile(
+    r"^<[A-Za-z0-9][A-Za-z0-9._+-]{0,127}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})>$"
+)
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LOCAL_RE = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*$")
+_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What the visitor sent, plus metadata our own code collected (page URL, IP...)."""
+
+    name: str
+    email: str
+    subject: str
+    message: str
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    submitted_at: datetime | None = None  # aware; None = now
+
+
+@dataclass(frozen=True)
+class BuiltMessage:
+    message_id: str  # "<...@from-domain>", angle brackets included
+    raw: bytes  # unsigned, CRLF line endings, 7-bit
+    recipient: str  # settings.support_address, never from the request
+    envelope_from: str  # settings.envelope_sender
+    subject: str  # the subject as sent, for the log
+
+
+def _drop(ch: str, *, multiline: bool) -> bool:
+    if ch in _BIDI:
+        return True
+    if not multiline and ch in _ZERO_WIDTH:
+        return True
+    category = unicodedata.category(ch)
+    if category == "Cc":
+        return not (multiline and ch in "\n\t")
+    # Lone surrogates cannot be encoded; unassigned code points have no rendering to trust.
+    return category in ("Cs", "Cn")
+
+
+def sanitize_text(value: str, *, max_length: int, multiline: bool) -> str:
+    """Make visitor text safe to display and to put in a message, then cut it to max_length.
+
+    Single-line: every line break becomes a space, whitespace runs collapse to one space, and
+    control, bidi-override and zero-width characters are removed. Multiline: line breaks of
+    every kind become "\\n", tabs stay, other control and bidi-override characters go.
+    """
+    text = unicodedata.normalize("NFC", value)
+    text = _LINE_BREAK_RE.sub("\n" if multiline else " ", text)
+    text = "".join(ch for ch in text if not _drop(ch, multiline=multiline))
+    if multiline:
+        lines = [line.rstrip() for line in text.split("\n")]
+        text = "\n".join(lines).strip("\n")
+    else:
+        text = _SPACES_RE.sub(" ", text).strip()
+    if len(text) > max_length:
+        text = text[:max_length].rstrip()
+    return text
+
+
+def header_text(value: str, max_length: int) -> str:
+    """sanitize_text for a header value, in which no RFC 2047 encoded word can start.
+
+    "=?" (also "= ?", which a careless unfolder could join) gets a fullwidth question mark:
+    still readable, and our text can no longer be decoded into something else.
+    """
+    text = sanitize_text(value, max_length=max_length, multiline=False)
+    return _ENCODED_WORD_START.sub("=\\1\uff1f", text)
+
+
+def make_message_id(settings: Settings) -> str:
+    """A new, globally unique Message-ID in our From domain: fix it once per submission."""
+    return f"<{uuid.uuid4().hex}@{settings.from_domain}>"
+
+
+def _visitor_address(value: str) -> str:
+    """The one plain addr-spec in `value`, in ASCII (IDNA domain), or MessageError.
+
+    Quoted local parts, display names, comments, address literals and non-ASCII local
+    parts are refused, which also rules out parser confusion such as
+    '"a@evil.test"@good.test' (CVE-2023-27043).
+    """
+    if not value or len(value) > EMAIL_MAX or value != value.strip() or "=?" in value:
+        raise MessageError(f"visitor address is not usable: {value!r}")
+    try:
+        # Syntax only: deliverability is checked by the caller (forms, mx), so .test is fine.
+        checked = validate_email(
+            value, check_deliverability=False, allow_smtputf8=False, test_environment=True
+        )
+    except EmailNotValidError as exc:
+        raise MessageError(f"visitor address is not valid: {value!r} ({exc})") from exc
+    address = checked.ascii_email or ""
+    local, _, domain = address.rpartition("@")
+    labels = domain.split(".")
+    if not (
+        _LOCAL_RE.match(local)
+        and len(local) <= 64
+        and len(address) <= EMAIL_MAX
+        and len(labels) >= 2
+        and all(_LABEL_RE.match(label) for label in labels)
+    ):
+        raise MessageError(f"visitor address is not a plain addr-spec: {value!r}")
+    return address
+
+
+def _qp_encode(text: str) -> str:
+    """Quoted-printable (RFC 2045 §6.7) with "\\n" line ends, 7-bit, lines <= 76.
+
+    Beyond the RFC, a "." or "F" that would start a physical line is encoded, so neither
+    SMTP dot-stuffing nor mbox "From " quoting by a hop can change the body (and break DKIM).
+    """
+    out: list[str] = []
+    for line in text.encode("utf-8").split(b"\n"):
+        tokens: list[str] = []
+        for i, byte in enumerate(line):
+            ch = chr(byte)
+            last = i == len(line) - 1
+            if (33 <= byte <= 126 and ch != "=") or (ch in " \t" and not last):
+                tokens.append(ch)
+            else:
+                tokens.append(f"={byte:02X}")
+        current = ""
+        for token in tokens:
+            if len(current) + len(token) > _QP_LINE - 1:
+                out.append(current + "=")
+                current = ""
+            current += f"={ord(token):02X}" if not current and token in (".", "F") else token
+        out.append(current)
+    return "\n".join(out) + "\n"
+
+
+def _body(sub: Submission, name: str, email_address: str, site_name: str) -> str:
+    message = sanitize_text(sub.message, max_length=MESSAGE_MAX, multiline=True)
+    details = [
+        f"Sent with the contact form of {site_name}.",
+        f"Name: {name}",
+        f"Email: {email_address}",
+    ]
+    for key, value in list(sub.metadata.items())[:METADATA_MAX_ITEMS]:
+        label = sanitize_text(str(key), max_length=METADATA_KEY_MAX, multiline=False)
+        text = sanitize_text(str(value), max_length=METADATA_VALUE_MAX, multiline=False)
+        if label:
+            details.append(f"{label}: {text}")
+    return message + "\n\n" + "-" * 40 + "\n" + "\n".join(details)
+
+
+def _when(sub: Submission, now: datetime | None) -> datetime:
+    moment = sub.submitted_at or now or datetime.now(UTC)
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise MessageError("submitted_at/now must be timezone-aware")
+    return moment.astimezone(UTC).replace(microsecond=0)
+
+
+def build_message(
+    sub: Submission,
+    settings: Settings,
+    *,
+    message_id: str | None = None,
+    now: datetime | None = None,
+) -> BuiltMessage:
+    """Build the unsigned message; raises MessageError (HeaderInjectionError on a mismatch)."""
+    reply_to = _visitor_address(sub.email)
+    name = header_text(sub.name, NAME_MAX)
+    subject = header_text(sub.subject, SUBJECT_MAX) or NO_SUBJECT
+    site_name = header_text(settings.site_name, NAME_MAX) or settings.from_domain
+    display_name = f"{name} via {site_name}" if name else site_name
+    message_id = message_id or make_message_id(settings)
+    if not _MESSAGE_ID_RE.match(message_id):
+        raise MessageError(f"not a usable Message-ID: {message_id!r}")
+    moment = _when(sub, now)
+    body = _body(
+        sub,
+        sanitize_text(sub.name, max_length=NAME_MAX, multiline=False),
+        reply_to,
+        sanitize_text(settings.site_name, max_length=NAME_MAX, multiline=False),
+    )
+
+    try:
+        msg = EmailMessage(policy=_POLICY)
+        msg["From"] = Address(display_name=display_name, addr_spec=settings.from_address)
+        msg["To"] = Address(addr_spec=settings.support_address)
+        msg["Reply-To"] = Address(addr_spec=reply_to)
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(moment)
+        msg["Message-ID"] = message_id
+        msg["MIME-Version"] = "1.0"
+        msg["Content-Type"] = 'text/plain; charset="utf-8"'
+        msg["Content-Transfer-Encoding"] = "quoted-printable"
+        msg.set_payload(_qp_encode(body))
+        raw = msg.as_bytes(policy=_POLICY)
+    except (ValueError, TypeError, IndexError) as exc:  # the email package refused a value
+        raise MessageError(f"cannot build the message: {exc}") from exc
+
+    expected = {
+        "From": (display_name, settings.from_address),
+        "To": ("", settings.support_address),
+        "Reply-To": ("", reply_to),
+    }
+    verify_message(raw, expected, subject=subject, message_id=message_id, date=moment, body=body)
+    return BuiltMessage(
+        message_id=message_id,
+        raw=raw,
+        recipient=settings.support_address,
+        envelope_from=settings.envelope_sender,
+        subject=subject,
+    )
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def check_lines(raw: bytes) -> None:
+    """7-bit, CRLF only, every line <= 998 characters: or MessageError."""
+    if not raw.isascii():
+        raise MessageError("message is not 7-bit")
+    if not raw.endswith(b"\r\n"):
+        raise MessageError("message does not end with CRLF")
+    lines = raw[:-2].split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        raise MessageError("message has a bare CR or LF")
+    longest = max(len(line) for line in lines)
+    if longest > MAX_LINE:
+        raise MessageError(f"message has a line of {longest} characters (limit {MAX_LINE})")
+
+
+def verify_message(
+    raw: bytes,
+    addresses: Mapping[str, tuple[str, str]],
+    *,
+    subject: str,
+    message_id: str,
+    date: datetime,
+    body: str,
+) -> None:
+    """Parse `raw` back and insist on exactly the headers and values we meant to write."""
+    check_lines(raw)
+    parsed = BytesParser(policy=_PARSE_POLICY).parsebytes(raw)
+    found = list(parsed.keys())
+    if found != list(HEADER_SET):
+        raise HeaderInjectionError(list(HEADER_SET), found)
+
+    def mismatch(header: str, meant: object, got: object) -> HeaderInjectionError:
+        return HeaderInjectionError([f"{header}: {meant!r}"], [f"{header}: {got!r}"])
+
+    for header, (display, addr_spec) in addresses.items():
+        value = parsed[header]
+        got = [(a.display_name, a.addr_spec) for a in getattr(value, "addresses", ())]
+        # Python 3.11 keeps the folding space between two encoded words of a display name
+        # (RFC 2047 §6.2 says to drop it), so display names are compared without spaces.
+        if [(_squash(d), a) for d, a in got] != [(_squash(display), addr_spec)] or value.defects:
+            raise mismatch(header, [(display, addr_spec)], got or str(value))
+    simple = {
+        "Subject": subject,
+        "Message-ID": message_id,
+        "MIME-Version": "1.0",
+        "Content-Transfer-Encoding": "quoted-printable",
+    }
+    for header, meant in simple.items():
+        if str(parsed[header]) != meant:
+            raise mismatch(header, meant, str(parsed[header]))
+    parsed_date = getattr(parsed["Date"], "datetime", None)
+    if parsed_date != date:
+        raise mismatch("Date", date, parsed_date)
+    if parsed.get_content_type() != "text/plain" or parsed.get_content_charset() != "utf-8":
+        raise mismatch("Content-Type", "text/plain; charset=utf-8", str(parsed["Content-Type"]))
+    content = parsed.get_content()
+    if not isinstance(content, str) or content.replace("\r\n", "\n") != body + "\n":
+        raise MessageError("the body does not decode back to what was written")
