@@ -1,0 +1,569 @@
+"""One delivery attempt: resolve the MX hosts, then talk SMTP to each address until one
+accepts (RFC 5321 §5.1), and return what happened as data.
+
+`deliver()` never raises for a delivery fault: the outbox reads `AttemptResult.outcome` and
+the deciding `DeliveryError`, never exception text. Rules:
+
+- A 4xx, a refused, dropped or timed-out connection, or a TLS failure on one host moves on to
+  the next address; the attempt is temporary when no host accepted.
+- A 5xx is the domain's answer and ends the attempt as permanent, except a 5xx greeting,
+  which says only "no SMTP service on this host" (RFC 5321 §3.1): the next MX is tried.
+- A connection dropped before the final "." is retried at once on the same host (tenacity,
+  a couple of quick tries); long backoff is the outbox's job. A connection lost or a timeout
+  after the final "." may hide an accepted message: `possible_duplicate` is set and the
+  same host is not retried inside the attempt.
+- STARTTLS (`settings.smtp_tls`): `may` uses it when offered without checking the
+  certificate and, when the handshake fails, reconnects and continues in plain text as MTAs
+  do; `encrypt` requires it (no certificate check); `verify` requires it and verifies the
+  certificate against the MX name and the system CAs (or `cafile`).
+- With RELAY_SMARTHOST, the attempt goes to that submission server instead of the MX hosts:
+  STARTTLS required (`verify` when smtp_tls=verify, otherwise `encrypt`), AUTH when a user
+  is set. An AUTH failure is temporary: the operator fixes the credentials and the queue
+  drains, instead of every message failing for good.
+- The DATA payload is the signed bytes, only dot-stuffed and terminated here; nothing
+  re-serialises a message object, so the DKIM signature stays valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import random
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from aiosmtplib import SMTP
+from aiosmtplib.email import quote_address
+from aiosmtplib.errors import (
+    SMTPConnectResponseError,
+    SMTPException,
+    SMTPResponseException,
+    SMTPServerDisconnected,
+)
+from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_fixed
+
+from relay.config import Settings, domain_of
+from relay.errors import (
+    ConnectionFailure,
+    DeliveryError,
+    DNSError,
+    DNSPermanentError,
+    SMTPReplyError,
+)
+from relay.logs import event
+from relay.mx import Resolver, resolve_addresses, resolve_mx
+
+log = logging.getLogger("relay.smtp")
+
+Outcome = Literal["delivered", "temporary", "permanent"]
+TLSPolicy = Literal["may", "encrypt", "verify"]
+STAGES = ("connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
+
+# Tries of one address when the connection drops before the final dot, and the pause between.
+DROP_TRIES = 2
+DROP_WAIT = 0.25
+# Addresses tried in one attempt at most (Postfix's smtp_mx_address_limit is 5).
+MAX_ADDRESSES = 10
+
+_ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+
+
+@dataclass(frozen=True)
+class HostTry:
+    """One connection inside one attempt."""
+
+    mx_host: str
+    ip: str | None
+    port: int
+    tls: str | None
+    code: int | None
+    enhanced_status: str | None
+    text: str
+    stage: str
+    duration: float
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    outcome: Outcome
+    hosts: tuple[HostTry, ...]
+    error: DeliveryError | None
+    possible_duplicate: bool
+
+    @property
+    def summary(self) -> str:
+        """One line for logs and the CLI: '451 4.7.1 Greylisted (mx1.example.test)'."""
+        if self.outcome == "delivered" and self.hosts:
+            return _describe(self.hosts[-1])
+        error = self.error
+        if isinstance(error, SMTPReplyError):
+            status = f" {error.enhanced_status}" if error.enhanced_status else ""
+            return f"{error.code}{status} {error.text} ({error.mx_host})"
+        if isinstance(error, ConnectionFailure):
+            return f"{error.reason} ({error.mx_host or error.ip})"
+        if isinstance(error, DNSError):
+            return f"DNS {error.domain}: {error.reason}"
+        return str(error) if error else self.outcome
+
+
+def _describe(host: HostTry) -> str:
+    status = f" {host.enhanced_status}" if host.enhanced_status else ""
+    code = f"{host.code}{status} " if host.code is not None else ""
+    return f"{code}{host.text} ({host.mx_host})"
+
+
+def parse_reply(message: str) -> tuple[str | None, str]:
+    """Split a reply text into (enhanced status code, text without it), RFC 3463.
+
+    Multi-line replies repeat the status on every line; it is removed from each and the lines
+    joined with a space.
+    """
+    lines = [line.strip() for line in message.splitlines()] or [""]
+    match = _ENHANCED.match(lines[0])
+    status = match.group(1) if match else None
+    if status:
+        lines = [line[len(status) :].strip() if line.startswith(status) else line for line in lines]
+    return status, " ".join(line for line in lines if line)
+
+
+def dot_stuff(message: bytes) -> bytes:
+    """The DATA payload for `message`: CRLF line ends, leading dots doubled and the final
+    CRLF.CRLF (RFC 5321 §4.5.2). A message already in CRLF form is otherwise unchanged."""
+    data = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return re.sub(rb"(?m)^\.", b"..", data) + b".\r\n"
+
+
+def tls_context(policy: TLSPolicy, cafile: str | Path | None = None) -> ssl.SSLContext:
+    """A client context: verifying for `verify`, opportunistic (no checks) otherwise."""
+    if policy == "verify":
+        return ssl.create_default_context(cafile=str(cafile) if cafile else None)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+@dataclass(frozen=True)
+class _Target:
+    mx_host: str
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True)
+class _Job:
+    payload: bytes
+    size: int
+    recipient: str
+    envelope_from: str
+    settings: Settings
+    policy: TLSPolicy
+    context: ssl.SSLContext
+    username: str | None = None
+    password: str | None = None
+
+
+@dataclass
+class _Outcome:
+    host_try: HostTry
+    error: DeliveryError | None
+    dropped: bool = False  # lost before the final dot: worth one quick retry
+    tls_failed: bool = False  # handshake failed: `may` retries in plain text
+
+
+class _Refused(Exception):
+    """A reply that ends this conversation (non-2xx where a 2xx/3xx was needed)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code} {message}")
+
+
+class _Broken(Exception):
+    """This conversation cannot go on for a reason of ours (TLS policy, AUTH)."""
+
+    def __init__(self, reason: str, *, tls_failed: bool = False) -> None:
+        self.reason = reason
+        self.tls_failed = tls_failed
+        super().__init__(reason)
+
+
+class _Conversation:
+    """One TCP connection to one address, from connect to the reply to the final dot."""
+
+    def __init__(self, target: _Target, job: _Job) -> None:
+        self.target = target
+        self.job = job
+        self.stage = "connect"
+        self.tls: str | None = None
+        self.code: int | None = None
+        self.text = ""
+        self.smtp: SMTP | None = None
+
+    async def run(self, *, use_starttls: bool) -> _Outcome:
+        started_at = datetime.now(UTC)
+        start = time.monotonic()
+        error: DeliveryError | None = None
+        dropped = tls_failed = False
+        try:
+            await self._converse(use_starttls)
+        except _Refused as exc:
+            self.code = exc.code
+            status, self.text = parse_reply(exc.message)
+            error = SMTPReplyError(
+                exc.code,
+                self.text,
+                enhanced_status=status,
+                mx_host=self.target.mx_host,
+                ip=self.target.ip,
+                port=self.target.port,
+                stage=self.stage,
+            )
+        except _Broken as exc:
+            self.text = exc.reason
+            error, tls_failed = self._failure(exc.reason), exc.tls_failed
+        except TimeoutError:
+            settings = self.job.settings
+            timeout = settings.smtp_data_timeout if self.stage == "dot" else settings.smtp_timeout
+            self.text = f"timed out after {timeout:g}s waiting at {self.stage}"
+            error = self._failure(self.text)
+        except ConnectionError as exc:  # aiosmtplib's disconnects are ConnectionErrors too
+            self.text = f"connection lost at {self.stage}: {exc}"
+            error, dropped = self._failure(self.text), self.stage != "dot"
+        except (SMTPException, OSError) as exc:
+            self.text = f"{type(exc).__name__} at {self.stage}: {exc}"
+            error = self._failure(self.text)
+        finally:
+            await self._close()
+        status = error.enhanced_status if isinstance(error, SMTPReplyError) else None
+        if error is None:
+            status, self.text = parse_reply(self.text)
+        host_try = HostTry(
+            mx_host=self.target.mx_host,
+            ip=self.target.ip,
+            port=self.target.port,
+            tls=self.tls,
+            code=self.code,
+            enhanced_status=status,
+            text=self.text,
+            stage=self.stage,
+            duration=round(time.monotonic() - start, 3),
+            started_at=started_at,
+        )
+        return _Outcome(host_try, error, dropped=dropped, tls_failed=tls_failed)
+
+    def _failure(self, reason: str) -> ConnectionFailure:
+        return ConnectionFailure(
+            reason,
+            mx_host=self.target.mx_host,
+            ip=self.target.ip,
+            port=self.target.port,
+            after_data=self.stage == "dot",
+        )
+
+    async def _connect(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.target.ip else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.sock_connect(sock, (self.target.ip, self.target.port)),
+                self.job.settings.smtp_connect_timeout,
+            )
+        except TimeoutError:
+            sock.close()
+            raise _Broken(
+                f"connect timed out after {self.job.settings.smtp_connect_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise _Broken(f"connect failed: {exc.strerror or exc}") from None
+        return sock
+
+    def _reply(self, code: int, message: str, *accepted: int) -> None:
+        self.code, self.text = code, message
+        if code not in accepted:
+            raise _Refused(code, message)
+
+    async def _command(self, *args: bytes, accepted: tuple[int, ...] = (250,)) -> None:
+        assert self.smtp is not None
+        reply = await self.smtp.execute_command(*args, timeout=self.job.settings.smtp_timeout)
+        self._reply(reply.code, reply.message, *accepted)
+
+    async def _hello(self) -> None:
+        """EHLO, or HELO when the server does not know EHLO (RFC 5321 §3.2)."""
+        assert self.smtp is not None
+        self.stage = "ehlo"
+        helo = self.job.settings.helo_hostname.encode("ascii")
+        timeout = self.job.settings.smtp_timeout
+        reply = await self.smtp.execute_command(b"EHLO", helo, timeout=timeout)
+        if reply.code == 250:
+            self.smtp.last_ehlo_response = reply
+        elif reply.code in (500, 502):
+            reply = await self.smtp.execute_command(b"HELO", helo, timeout=timeout)
+            if reply.code == 250:
+                self.smtp.last_helo_response = reply
+        self._reply(reply.code, reply.message, 250)
+
+    async def _starttls(self) -> None:
+        assert self.smtp is not None
+        required = self.job.policy != "may"
+        if not self.smtp.supports_extension("starttls"):
+            if required:
+                raise _Broken(f"STARTTLS required (smtp_tls={self.job.policy}) but not offered")
+            return
+        self.stage = "starttls"
+        try:
+            reply = await self.smtp.starttls(
+                server_hostname=self.target.mx_host,
+                tls_context=self.job.context,
+                timeout=self.job.settings.smtp_timeout,
+            )
+        except SMTPResponseException as exc:
+            # The server refused STARTTLS; the connection is still good for plain text.
+            self.code, self.text = exc.code, exc.message
+            if required:
+                raise _Broken(f"STARTTLS refused: {exc.code} {exc.message}") from None
+            return
+        except (SMTPException, ssl.SSLError, OSError) as exc:
+            raise _Broken(f"TLS handshake failed: {exc}", tls_failed=True) from None
+        self.code, self.text = reply.code, reply.message
+        ssl_object = self.smtp.get_transport_info("ssl_object")
+        self.tls = ssl_object.version() if ssl_object is not None else "TLS"
+        await self._hello()
+
+    async def _auth(self) -> None:
+        assert self.smtp is not None
+        if self.job.username is None:
+            return
+        self.stage = "auth"
+        try:
+            reply = await self.smtp.login(
+                self.job.username,
+                self.job.password or "",
+                timeout=self.job.settings.smtp_timeout,
+            )
+        except SMTPResponseException as exc:  # SMTPAuthenticationError included
+            self.code = exc.code
+            raise _Broken(f"AUTH failed: {exc.code} {exc.message}") from None
+        except (TimeoutError, ConnectionError):
+            raise
+        except SMTPException as exc:  # no AUTH offered, no common mechanism
+            raise _Broken(f"AUTH not possible: {exc}") from None
+        self.code, self.text = reply.code, reply.message
+
+    async def _converse(self, use_starttls: bool) -> None:
+        sock = await self._connect()
+        self.stage = "greeting"
+        self.smtp = SMTP(
+            sock=sock,
+            local_hostname=self.job.settings.helo_hostname,
+            timeout=self.job.settings.smtp_timeout,
+            start_tls=False,
+        )
+        try:
+            greeting = await self.smtp.connect(timeout=self.job.settings.smtp_timeout)
+        except SMTPConnectResponseError as exc:
+            raise _Refused(exc.code, exc.message) from None
+        self._reply(greeting.code, greeting.message, 220)
+        await self._hello()
+        if use_starttls:
+            await self._starttls()
+        await self._auth()
+
+        self.stage = "mail"
+        options = [f"SIZE={self.job.size}".encode()] if self.smtp.supports_extension("size") else []
+        sender = quote_address(self.job.envelope_from).encode("ascii")
+        await self._command(b"MAIL", b"FROM:" + sender, *options)
+        self.stage = "rcpt"
+        recipient = quote_address(self.job.recipient).encode("ascii")
+        await self._command(b"RCPT", b"TO:" + recipient, accepted=(250, 251))
+        self.stage = "data"
+        await self._command(b"DATA", accepted=(354,))
+        protocol = self.smtp.protocol
+        if protocol is None:
+            raise SMTPServerDisconnected("connection lost after 354")
+        protocol.write(self.job.payload)
+        self.stage = "dot"
+        reply = await protocol.read_response(timeout=self.job.settings.smtp_data_timeout)
+        self._reply(reply.code, reply.message, 250)
+
+    async def _close(self) -> None:
+        smtp, self.smtp = self.smtp, None
+        if smtp is None:
+            return
+        if smtp.is_connected:
+            with contextlib.suppress(SMTPException, OSError):
+                await smtp.quit(timeout=min(5.0, self.job.settings.smtp_timeout))
+        smtp.close()
+
+
+def _dropped(outcome: _Outcome) -> bool:
+    return outcome.dropped
+
+
+def _last_result(state: RetryCallState) -> _Outcome:
+    assert state.outcome is not None
+    result: _Outcome = state.outcome.result()
+    return result
+
+
+@dataclass
+class _Attempt:
+    job: _Job
+    hosts: list[HostTry] = field(default_factory=list)
+    possible_duplicate: bool = False
+
+    def record(self, outcome: _Outcome) -> None:
+        host = outcome.host_try
+        self.hosts.append(host)
+        error = outcome.error
+        if isinstance(error, ConnectionFailure) and error.after_data:
+            self.possible_duplicate = True
+        event(
+            log,
+            "smtp.reply",
+            level=logging.INFO if error is None else logging.WARNING,
+            host=host.mx_host,
+            ip=host.ip,
+            port=host.port,
+            tls=host.tls or "none",
+            stage=host.stage,
+            code=host.code,
+            status=host.enhanced_status,
+            text=host.text,
+            duration=f"{host.duration:.3f}",
+            possible_duplicate=True if self.possible_duplicate else None,
+        )
+
+    async def _once(self, target: _Target) -> _Outcome:
+        outcome = await _Conversation(target, self.job).run(use_starttls=True)
+        self.record(outcome)
+        if outcome.tls_failed and self.job.policy == "may":
+            outcome = await _Conversation(target, self.job).run(use_starttls=False)
+            self.record(outcome)
+        return outcome
+
+    async def try_target(self, target: _Target) -> _Outcome:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(DROP_TRIES),
+            wait=wait_fixed(DROP_WAIT),
+            retry=retry_if_result(_dropped),
+            retry_error_callback=_last_result,
+        )
+        outcome: _Outcome = await retrying(self._once, target)
+        return outcome
+
+
+def _deciding(errors: list[DeliveryError]) -> DeliveryError:
+    """The error that decides a failed attempt: any temporary failure keeps the message
+    queued (a host that was merely down must not turn into a bounce), and among those an
+    SMTP reply says more than a lost connection."""
+    temporary = [e for e in errors if e.temporary]
+    if not temporary:
+        return errors[-1]
+    replies = [e for e in temporary if isinstance(e, SMTPReplyError)]
+    return (replies or temporary)[-1]
+
+
+def _final(error: DeliveryError) -> bool:
+    """A 5xx anywhere but the greeting is the domain's answer for this attempt."""
+    return isinstance(error, SMTPReplyError) and not error.temporary and error.stage != "greeting"
+
+
+async def _targets(
+    settings: Settings, recipient: str, resolver: Resolver, rng: random.Random | None
+) -> list[_Target]:
+    smarthost = settings.smarthost_address
+    if smarthost is not None:
+        host, port = smarthost
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            addresses = await resolve_addresses(host, resolver)
+        else:
+            addresses = (host,)
+        return [_Target(host, ip, port) for ip in addresses]
+    domain = domain_of(recipient)
+    if not domain:
+        raise DNSPermanentError(recipient, "the recipient has no domain")
+    hosts = await resolve_mx(domain, resolver, rng=rng)
+    return [_Target(mx.name, ip, settings.smtp_port) for mx in hosts for ip in mx.addresses]
+
+
+async def deliver(
+    signed: bytes,
+    *,
+    recipient: str,
+    envelope_from: str,
+    settings: Settings,
+    resolver: Resolver,
+    rng: random.Random | None = None,
+    cafile: str | Path | None = None,
+) -> AttemptResult:
+    """Make one delivery attempt of `signed` to `recipient`; never raises for delivery faults.
+
+    `rng` orders MX hosts of equal preference (tests seed it); `cafile` replaces the system
+    CAs under smtp_tls=verify (tests pass their own CA).
+    """
+    smarthost = settings.smarthost_address is not None
+    policy: TLSPolicy = settings.smtp_tls
+    if smarthost:
+        policy = "verify" if settings.smtp_tls == "verify" else "encrypt"
+    password = settings.smarthost_password
+    job = _Job(
+        payload=dot_stuff(signed),
+        size=len(signed),
+        recipient=recipient,
+        envelope_from=envelope_from,
+        settings=settings,
+        policy=policy,
+        context=tls_context(policy, cafile),
+        username=settings.smarthost_username if smarthost else None,
+        password=password.get_secret_value() if smarthost and password else None,
+    )
+    attempt = _Attempt(job)
+    try:
+        targets = await _targets(settings, recipient, resolver, rng)
+    except DNSError as exc:
+        outcome: Outcome = "temporary" if exc.temporary else "permanent"
+        event(
+            log,
+            "smtp.dns",
+            level=logging.WARNING,
+            domain=exc.domain,
+            outcome=outcome,
+            reason=exc.reason,
+        )
+        return AttemptResult(outcome, (), exc, False)
+
+    errors: list[DeliveryError] = []
+    for target in targets[:MAX_ADDRESSES]:
+        result = await attempt.try_target(target)
+        if result.error is None:
+            return AttemptResult(
+                "delivered", tuple(attempt.hosts), None, attempt.possible_duplicate
+            )
+        errors.append(result.error)
+        if _final(result.error):
+            break
+    error = _deciding(errors)
+    return AttemptResult(
+        "temporary" if error.temporary else "permanent",
+        tuple(attempt.hosts),
+        error,
+        attempt.possible_duplicate,
+    )
