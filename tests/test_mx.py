@@ -1,0 +1,226 @@
+"""MX resolution against a real DNS server on loopback (tests/peers/dns.py)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+
+from relay.config import Settings
+from relay.errors import DNSPermanentError, DNSTemporaryError
+from relay.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
+from tests.peers.dns import DNSZoneServer
+
+
+@pytest.fixture
+def resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
+    return make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
+
+
+@pytest.fixture
+def fast_resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
+    """A resolver that gives up after half a second, for the timeout cases."""
+    return make_resolver(
+        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="0.5")
+    )
+
+
+def test_make_resolver_uses_the_configured_nameserver_and_port(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer
+) -> None:
+    resolver = make_resolver(
+        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="3")
+    )
+    [nameserver] = resolver.nameservers
+    assert not isinstance(nameserver, str)
+    assert str(nameserver) == f"Do53:{world_dns.host}@{world_dns.port}"
+    assert resolver.lifetime == 3
+    assert resolver.cache is None
+
+
+async def test_single_mx(resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    assert await resolve_mx("support.test", resolver) == [
+        MXHost("mx1.support.test", 10, ("127.0.0.2",))
+    ]
+    assert world_dns.queried("support.test", "MX") == 1
+    assert world_dns.queried("mx1.support.test", "A") == 1
+
+
+async def test_preference_order_and_equal_preferences_shuffled(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add(
+        "\n".join(
+            [
+                "spread.test. 300 IN MX 20 backup.spread.test.",
+                "spread.test. 300 IN MX 10 a.spread.test.",
+                "spread.test. 300 IN MX 10 b.spread.test.",
+                "spread.test. 300 IN MX 10 c.spread.test.",
+                "spread.test. 300 IN MX 5 first.spread.test.",
+            ]
+            + [
+                f"{h}.spread.test. 300 IN A 127.0.1.{i}"
+                for i, h in enumerate(["a", "b", "c", "first", "backup"], 1)
+            ]
+        )
+    )
+    orders = set()
+    for seed in range(12):
+        hosts = await resolve_mx("spread.test", resolver, rng=random.Random(seed))
+        assert [h.preference for h in hosts] == [5, 10, 10, 10, 20]
+        assert hosts[0].name == "first.spread.test"
+        assert hosts[-1].name == "backup.spread.test"
+        assert {h.name for h in hosts[1:4]} == {"a.spread.test", "b.spread.test", "c.spread.test"}
+        orders.add(tuple(h.name for h in hosts))
+    assert len(orders) > 1, "equal preferences must not always come out in the same order"
+    again = [await resolve_mx("spread.test", resolver, rng=random.Random(3)) for _ in range(2)]
+    assert again[0] == again[1]
+
+
+def test_order_mx_is_pure_and_keeps_groups() -> None:
+    records = [(10, "b"), (0, "z"), (10, "a"), (10, "a")]
+    assert order_mx(records, random.Random(1))[0] == (0, "z")
+    assert sorted(order_mx(records, random.Random(1))[1:]) == [(10, "a"), (10, "b")]
+    assert order_mx([], random.Random(1)) == []
+
+
+async def test_implicit_mx_from_the_domains_own_address(resolver: Resolver) -> None:
+    assert await resolve_mx("example.test", resolver) == [
+        MXHost("example.test", 0, ("127.0.0.10",))
+    ]
+
+
+async def test_ipv4_first_then_ipv6(resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    world_dns.add("dual.test. 300 IN AAAA ::1\ndual.test. 300 IN A 127.0.0.11")
+    [host] = await resolve_mx("dual.test", resolver)
+    assert host.addresses == ("127.0.0.11", "::1")
+
+
+async def test_null_mx_is_permanent(resolver: Resolver) -> None:
+    with pytest.raises(DNSPermanentError) as info:
+        await resolve_mx("nullmx.test", resolver)
+    assert info.value.domain == "nullmx.test"
+    assert not info.value.temporary
+    assert "null MX" in info.value.reason
+
+
+async def test_null_mx_next_to_real_mx_is_ignored(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add("mixed.test. 300 IN MX 0 .\nmixed.test. 300 IN MX 10 mx1.support.test.")
+    assert [h.name for h in await resolve_mx("mixed.test", resolver)] == ["mx1.support.test"]
+
+
+async def test_nxdomain_is_permanent(resolver: Resolver) -> None:
+    with pytest.raises(DNSPermanentError) as info:
+        await resolve_mx("missing.test", resolver)
+    assert "NXDOMAIN" in info.value.reason
+
+
+async def test_no_mx_and_no_address_is_permanent(resolver: Resolver) -> None:
+    with pytest.raises(DNSPermanentError):
+        await resolve_mx("noaddress.test", resolver)
+
+
+@pytest.mark.parametrize("name", ["", "a..b.test", "x" * 64 + ".test"])
+async def test_invalid_domain_is_permanent(resolver: Resolver, name: str) -> None:
+    with pytest.raises(DNSPermanentError):
+        await resolve_mx(name, resolver)
+
+
+async def test_servfail_is_temporary(resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    world_dns.fail(["support.test"])
+    with pytest.raises(DNSTemporaryError) as info:
+        await resolve_mx("support.test", resolver)
+    assert info.value.temporary
+
+
+async def test_timeout_is_temporary(fast_resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    world_dns.fail(["support.test"], how="timeout")
+    with pytest.raises(DNSTemporaryError) as info:
+        await resolve_mx("support.test", fast_resolver)
+    assert "timed out" in info.value.reason
+
+
+async def test_timeout_of_the_mx_address_is_temporary(
+    fast_resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.fail(["mx1.support.test"], how="timeout")
+    with pytest.raises(DNSTemporaryError):
+        await resolve_mx("support.test", fast_resolver)
+
+
+async def test_mx_without_address_is_skipped(resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    world_dns.add(
+        "\n".join(
+            [
+                "partial.test. 300 IN MX 10 gone.partial.test.",
+                "partial.test. 300 IN MX 20 bare.partial.test.",
+                'bare.partial.test. 300 IN TXT "no address here"',
+                "partial.test. 300 IN MX 30 mx1.support.test.",
+            ]
+        )
+    )
+    assert await resolve_mx("partial.test", resolver) == [
+        MXHost("mx1.support.test", 30, ("127.0.0.2",))
+    ]
+
+
+async def test_only_nonexistent_mx_hosts_is_permanent(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add("dangling.test. 300 IN MX 10 gone.dangling.test.")
+    with pytest.raises(DNSPermanentError) as info:
+        await resolve_mx("dangling.test", resolver)
+    assert "gone.dangling.test" in info.value.reason
+
+
+async def test_mx_host_existing_without_address_is_temporary(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add(
+        "bare.test. 300 IN MX 10 mail.bare.test.\n"
+        'mail.bare.test. 300 IN TXT "the A record is on its way"'
+    )
+    with pytest.raises(DNSTemporaryError) as info:
+        await resolve_mx("bare.test", resolver)
+    assert "mail.bare.test" in info.value.reason
+
+
+async def test_every_call_queries_again(resolver: Resolver, world_dns: DNSZoneServer) -> None:
+    await resolve_mx("support.test", resolver)
+    world_dns.remove("support.test", "MX")
+    world_dns.add("support.test. 300 IN MX 10 mx2.support.test.")
+    assert [h.name for h in await resolve_mx("support.test", resolver)] == ["mx2.support.test"]
+    assert world_dns.queried("support.test", "MX") == 2
+
+
+@pytest.mark.parametrize(
+    ("domain", "expected"),
+    [
+        ("visitor.test", True),  # MX
+        ("example.test", True),  # A only: implicit MX
+        ("nullmx.test", False),
+        ("missing.test", False),  # NXDOMAIN
+        ("noaddress.test", False),  # exists, neither MX nor address
+        ("bad..name.test", False),
+    ],
+)
+async def test_domain_accepts_mail(resolver: Resolver, domain: str, expected: bool) -> None:
+    assert await domain_accepts_mail(domain, resolver) is expected
+
+
+async def test_domain_accepts_mail_with_mx_host_down_in_dns(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add("dangling.test. 300 IN MX 10 gone.dangling.test.")
+    assert await domain_accepts_mail("dangling.test", resolver) is True
+
+
+@pytest.mark.parametrize("how", ["servfail", "timeout"])
+async def test_domain_accepts_mail_unknown(
+    fast_resolver: Resolver, world_dns: DNSZoneServer, how: str
+) -> None:
+    world_dns.fail(["visitor.test"], how=how)
+    assert await domain_accepts_mail("visitor.test", fast_resolver) is None
