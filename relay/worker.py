@@ -1,0 +1,326 @@
+"""The delivery worker: claims due messages from the outbox, signs and delivers them.
+
+One asyncio loop runs up to `settings.worker_concurrency` attempts at once. Database calls are
+blocking SQLAlchemy calls run in threads (`asyncio.to_thread`), which keeps one code path for
+the web (sync Flask) and the worker. Each message is held under a lease that a heartbeat
+renews while its attempt runs; a worker that dies leaves leases that expire, and any worker
+then claims those messages again.
+
+The message is signed at every attempt, so a key rotation applies to queued mail; the
+Message-ID never changes between attempts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from relay.config import Settings
+from relay.errors import RelayError, StoreUnavailable
+from relay.logs import event
+from relay.outbox import AttemptLike, Claimed, Decision, HostTryLike, Outbox, RetryPolicy
+from relay.outbox import reply_fields as _reply_fields
+
+log = logging.getLogger("relay.worker")
+
+
+class DeliverFn(Protocol):
+    """The signature of relay.smtp.deliver: the seam the state-machine tests replace."""
+
+    async def __call__(
+        self,
+        signed: bytes,
+        *,
+        recipient: str,
+        envelope_from: str,
+        settings: Settings,
+        resolver: Any,
+    ) -> AttemptLike: ...
+
+
+@dataclass(frozen=True)
+class LocalFailure:
+    """An attempt that failed before reaching any server (signing failed, a bug): temporary,
+    so the message waits for the operator's fix instead of being lost."""
+
+    error: BaseException
+    outcome: str = "temporary"
+    hosts: tuple[HostTryLike, ...] = ()
+    possible_duplicate: bool = False
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Delivers what the outbox holds. `stop()` ends `run()` gracefully."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        settings: Settings,
+        *,
+        deliver: DeliverFn | None = None,
+        sign: Callable[[bytes], bytes] | None = None,
+        resolver: Any = None,
+        worker_id: str | None = None,
+        poll_interval: float = 0.5,
+        shutdown_grace: float = 30.0,
+    ) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.policy = RetryPolicy.from_settings(settings)
+        self.id = worker_id or default_worker_id()
+        self.poll_interval = poll_interval
+        self.shutdown_grace = shutdown_grace
+        self.lease = float(settings.worker_lease)
+        self._deliver = deliver
+        self._sign = sign
+        self._resolver = resolver
+        self._stop: asyncio.Event | None = None
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.attempts_made = 0
+
+    # --- the real collaborators, built on first use ---
+
+    def _deliver_fn(self) -> DeliverFn:
+        if self._deliver is None:
+            smtp = importlib.import_module("relay.smtp")
+            self._deliver = cast(DeliverFn, smtp.deliver)
+        return self._deliver
+
+    def _sign_fn(self) -> Callable[[bytes], bytes]:
+        if self._sign is None:
+            signing = importlib.import_module("relay.signing")
+            self._sign = cast(
+                Callable[[bytes], bytes], signing.Signer.from_settings(self.settings).sign
+            )
+        return self._sign
+
+    def _resolver_obj(self) -> Any:
+        if self._resolver is None:
+            from relay.mx import make_resolver  # noqa: PLC0415
+
+            self._resolver = make_resolver(self.settings)
+        return self._resolver
+
+    # --- control ---
+
+    def stop(self) -> None:
+        """Stop claiming; what is in flight finishes (bounded by `shutdown_grace`)."""
+        if self._stop is not None:
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    async def run(self, *, once: bool = False) -> None:
+        """Claim and deliver until stopped; with `once`, until nothing is due any more."""
+        self._stop = asyncio.Event()
+        concurrency = self.settings.worker_concurrency
+        event(log, "worker.started", id=self.id, concurrency=concurrency, lease=int(self.lease))
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            while not self._stop.is_set():
+                free = concurrency - len(self._inflight)
+                claimed: list[Claimed] = []
+                if free > 0:
+                    try:
+                        claimed = await asyncio.to_thread(
+                            self.outbox.claim, self.id, free, self.lease
+                        )
+                    except StoreUnavailable as exc:
+                        event(log, "worker.store_unavailable", logging.WARNING, error=str(exc))
+                for item in claimed:
+                    self._start(item)
+                if once and not claimed and not self._inflight:
+                    break
+                if self._stop.is_set():
+                    break
+                # Wake when a slot frees up, on stop, or after a short poll for new mail.
+                waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
+                stop_wait = asyncio.ensure_future(self._stop.wait())
+                waiters.add(stop_wait)
+                timeout = None if (len(claimed) == free and free > 0) else self.poll_interval
+                if once and self._inflight and not claimed:
+                    timeout = None
+                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                stop_wait.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stop_wait
+        finally:
+            await self._drain()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
+
+    def _start(self, item: Claimed) -> None:
+        task = asyncio.create_task(self._attempt(item), name=f"deliver-{item.id}")
+        self._inflight[item.id] = task
+        key = item.id
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            self._inflight.pop(key, None)
+
+        task.add_done_callback(forget)
+
+    async def _drain(self) -> None:
+        """Let attempts in flight finish; past the grace period cut them off and hand them
+        back (recorded as interrupted, possible duplicate)."""
+        if not self._inflight:
+            return
+        tasks = list(self._inflight.values())
+        _done, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _heartbeat(self) -> None:
+        interval = max(1.0, self.lease / 3)
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._inflight)
+            if not ids:
+                continue
+            try:
+                await asyncio.to_thread(self.outbox.renew, self.id, ids, self.lease)
+            except StoreUnavailable as exc:
+                event(log, "worker.heartbeat_failed", logging.WARNING, error=str(exc))
+
+    # --- one attempt ---
+
+    async def _attempt(self, item: Claimed) -> None:
+        started = self.outbox.clock()
+        self.attempts_made += 1
+        try:
+            result = await self._sign_and_deliver(item)
+        except asyncio.CancelledError:
+            await self._release_cut_off(item)
+            raise
+        decision = await self._record(item, result, started)
+        if decision is not None:
+            self._log_outcome(item, result, decision)
+
+    async def _sign_and_deliver(self, item: Claimed) -> AttemptLike:
+        try:
+            signed = await asyncio.to_thread(self._sign_fn(), item.body)
+            return await self._deliver_fn()(
+                signed,
+                recipient=item.recipient,
+                envelope_from=item.envelope_from,
+                settings=self.settings,
+                resolver=self._resolver_obj(),
+            )
+        except asyncio.CancelledError:
+            raise
+        except RelayError as exc:
+            event(log, "delivery.local_error", logging.ERROR, id=item.id, error=str(exc))
+            return LocalFailure(exc)
+        except Exception as exc:  # a bug must not lose the message: defer it
+            log.exception("delivery.crashed id=%s", item.id)
+            return LocalFailure(exc)
+
+    async def _release_cut_off(self, item: Claimed) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                asyncio.to_thread(self.outbox.release, self.id, [item.id], started=True)
+            )
+        event(log, "delivery.interrupted", logging.WARNING, id=item.id, attempt=item.attempt)
+
+    async def _record(self, item: Claimed, result: AttemptLike, started: Any) -> Decision | None:
+        """Store the attempt; if the store is down, try a few times, then leave it to the
+        lease (the next claim records the attempt as interrupted)."""
+        for tries in range(3):
+            try:
+                return await asyncio.to_thread(
+                    self.outbox.record_attempt,
+                    item,
+                    result,
+                    owner=self.id,
+                    policy=self.policy,
+                    started_at=started,
+                )
+            except StoreUnavailable as exc:
+                event(
+                    log,
+                    "delivery.record_failed",
+                    logging.ERROR,
+                    id=item.id,
+                    outcome=result.outcome,
+                    error=str(exc),
+                    tries=tries + 1,
+                )
+                await asyncio.sleep(1.0 + tries)
+        return None
+
+    def _log_outcome(self, item: Claimed, result: AttemptLike, decision: Decision) -> None:
+        reply = _reply_fields(result)
+        fields: dict[str, Any] = {
+            "id": item.id,
+            "message_id": item.message_id,
+            "attempt": item.attempt,
+            "code": reply.code,
+            "status": reply.enhanced_status,
+            "mx": reply.mx_host,
+        }
+        if decision.status == "delivered":
+            event(
+                log,
+                "delivery.delivered",
+                **fields,
+                possible_duplicate=result.possible_duplicate or None,
+            )
+        elif decision.status == "deferred":
+            assert decision.next_attempt_at is not None
+            event(
+                log,
+                "delivery.deferred",
+                logging.WARNING,
+                **fields,
+                next_attempt=decision.next_attempt_at.isoformat(timespec="seconds"),
+                text=reply.text,
+                possible_duplicate=result.possible_duplicate or None,
+            )
+        else:
+            event(
+                log,
+                "delivery.failed",
+                logging.ERROR,
+                **fields,
+                reason=decision.reason,
+                possible_duplicate=result.possible_duplicate or None,
+            )
+
+
+def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None = None) -> None:
+    """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish."""
+    store = outbox or Outbox.from_settings(settings)
+    worker = Worker(store, settings)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run(once=once)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    try:
+        asyncio.run(main())
+    finally:
+        store.dispose()
