@@ -121,6 +121,8 @@ def sanitize_text(value: str, *, max_length: int, multiline: bool) -> str:
     """
     text = unicodedata.normalize("NFC", value)
     text = _LINE_BREAK_RE.sub("\n" if multiline else " ", text)
+    if not multiline:
+        text = text.replace("\t", " ")
     text = "".join(ch for ch in text if not _drop(ch, multiline=multiline))
     if multiline:
         lines = [line.rstrip() for line in text.split("\n")]
