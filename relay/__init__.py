@@ -1,1 +1,34 @@
-"""formrelay: a safe web-form-to-support email relay."""
+"""formrelay: a safe web-form-to-support email relay.
+
+`create_app()` is the WSGI entry point (`gunicorn "relay:create_app()"`). Nothing happens at
+import time: importing `relay` (which every `relay.*` import does) must stay cheap and free of
+Flask, so the web application is imported only when an app is built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from relay.captcha import Verifier
+    from relay.config import Settings
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    outbox: Any = None,
+    resolver: Any = None,
+    verifier: Verifier | None = None,
+) -> Flask:
+    """Build the web application (see relay.web.create_app).
+
+    `outbox`, `resolver` and `verifier` are seams: None builds the real one from settings
+    (Outbox.from_settings, mx.make_resolver, the hCaptcha client); demo mode passes its own
+    offline verifier. Raises ConfigError for settings unfit to serve.
+    """
+    from relay.web import create_app as build  # noqa: PLC0415 - keep `import relay` light
+
+    return build(settings, outbox=outbox, resolver=resolver, verifier=verifier)

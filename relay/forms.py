@@ -1,0 +1,219 @@
+"""The contact form: reading untrusted input and validating every field.
+
+Reading never fails with a 500: a body that is not a JSON object, values of the wrong type and
+invalid UTF-8 become field errors (werkzeug decodes form bodies with replacement characters).
+Validation is strict where the message builder is lenient: a control character is an error
+shown to the visitor, not something silently stripped from their message.
+
+The e-mail domain is checked in DNS (`relay.mx.domain_accepts_mail`): False (NXDOMAIN, null MX,
+no MX and no address) is a field error; None (timeout, SERVFAIL) is not, so a DNS hiccup
+never loses a visitor's message; the worker deals with it at delivery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from flask_babel import lazy_gettext as _l
+from flask_wtf import FlaskForm
+from werkzeug.datastructures import MultiDict
+from wtforms import EmailField, StringField, TextAreaField
+
+from relay import message as message_module
+from relay import mx
+from relay.config import Settings
+from relay.errors import MessageError
+from relay.logs import event
+
+log = logging.getLogger("relay.forms")
+
+FIELDS = ("name", "email", "subject", "message")
+HONEYPOT = "website"
+CAPTCHA = "h-captcha-response"
+# Keys read from the request; anything else (to, cc, bcc, recipient...) is ignored.
+ACCEPTED = (*FIELDS, HONEYPOT, CAPTCHA)
+# Line breaks are allowed in the message only; tab is allowed there too.
+_MULTILINE_OK = frozenset("\n\r\t")
+
+
+def limits() -> dict[str, int]:
+    """Maximum length in characters of each field, from relay.message."""
+    return {
+        "name": message_module.NAME_MAX,
+        "email": message_module.EMAIL_MAX,
+        "subject": message_module.SUBJECT_MAX,
+        "message": message_module.MESSAGE_MAX,
+    }
+
+
+def max_body_bytes() -> int:
+    """MAX_CONTENT_LENGTH: every field at its limit in the worst encoding (12 bytes a char
+    as percent-encoded UTF-8 or a JSON surrogate pair), plus room for the CAPTCHA token."""
+    return 12 * sum(limits().values()) + 96 * 1024
+
+
+class ContactForm(FlaskForm):  # type: ignore[misc]
+    """Rendering and the per-field rules; CSRF is the Origin check in web.py (see
+    docs/security.md), so the WTForms token is off."""
+
+    class Meta:
+        csrf = False
+
+    name = StringField(_l("Your name"))
+    email = EmailField(_l("Your email address"))
+    subject = StringField(_l("Subject"))
+    message = TextAreaField(_l("Message"))
+    website = StringField(_l("Leave this field empty"))
+
+
+@dataclass
+class Parsed:
+    """What the request carried: the form data (strings only) and errors found while reading."""
+
+    data: MultiDict[str, str]
+    errors: dict[str, list[str]] = field(default_factory=dict)
+
+
+def read_json(payload: Any) -> Parsed:
+    """A JSON body: must be an object; each accepted value must be a string."""
+    if not isinstance(payload, dict):
+        return Parsed(MultiDict(), {"form": [str(_l("The request must be a JSON object."))]})
+    data: MultiDict[str, str] = MultiDict()
+    errors: dict[str, list[str]] = {}
+    for key in ACCEPTED:
+        if key not in payload or payload[key] is None:
+            continue
+        value = payload[key]
+        if isinstance(value, str):
+            data[key] = value
+        else:
+            errors[key] = [str(_l("This must be text."))]
+    return Parsed(data, errors)
+
+
+def read_form(form: Mapping[str, Any]) -> Parsed:
+    """A form-encoded body: the first value of each accepted key."""
+    data: MultiDict[str, str] = MultiDict()
+    for key in ACCEPTED:
+        value = form.get(key)
+        if isinstance(value, str):
+            data[key] = value
+    return Parsed(data)
+
+
+def control_characters(value: str, *, multiline: bool) -> bool:
+    """True if the value holds a control or format character we refuse (C0, C1, DEL, bidi
+    overrides, line/paragraph separators); newlines and tabs are fine in the message."""
+    for ch in value:
+        if multiline and ch in _MULTILINE_OK:
+            continue
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn") and ch not in (
+            "\u200d",  # zero-width joiner: part of emoji sequences
+        ):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Clean:
+    """Validated, normalised values ready for relay.message.Submission."""
+
+    name: str
+    email: str
+    subject: str
+    message: str
+
+
+_REQUIRED = {
+    "name": _l("Please enter your name."),
+    "email": _l("Please enter your email address."),
+    "subject": _l("Please enter a subject."),
+    "message": _l("Please enter a message."),
+}
+
+
+def validate(
+    form: ContactForm,
+    settings: Settings,
+    resolver: Any,
+    *,
+    errors: dict[str, list[str]] | None = None,
+) -> tuple[Clean | None, dict[str, list[str]]]:
+    """Check every field; return clean values, or None and {field: [messages]}."""
+    errors = {k: list(v) for k, v in (errors or {}).items()}
+    max_len = limits()
+    values: dict[str, str] = {}
+    for name in FIELDS:
+        if name in errors:
+            continue
+        raw = (form[name].data or "").replace("\r\n", "\n")
+        value = raw if name == "message" else raw.strip()
+        multiline = name == "message"
+        if not value.strip():
+            errors[name] = [str(_REQUIRED[name])]
+        elif len(value) > max_len[name]:
+            errors[name] = [str(_l("Please use at most %(max)d characters.", max=max_len[name]))]
+        elif "\ufffd" in value:
+            errors[name] = [str(_l("This contains characters we could not read."))]
+        elif control_characters(value, multiline=multiline):
+            errors[name] = [str(_l("Please remove control characters from this field."))]
+        else:
+            values[name] = value
+    if "email" in values:
+        email = _check_email(values["email"], settings, resolver)
+        if isinstance(email, list):
+            errors["email"] = email
+        else:
+            values["email"] = email
+    for name, messages in errors.items():
+        if name in form:
+            form[name].errors = list(messages)
+    if errors:
+        return None, errors
+    try:
+        clean = Clean(
+            name=message_module.sanitize_text(
+                values["name"], max_length=max_len["name"], multiline=False
+            ),
+            email=values["email"],
+            subject=message_module.sanitize_text(
+                values["subject"], max_length=max_len["subject"], multiline=False
+            ),
+            message=message_module.sanitize_text(
+                values["message"], max_length=max_len["message"], multiline=True
+            ),
+        )
+    except (ValueError, MessageError):
+        return None, {"form": [str(_l("We could not accept this message. Please check it."))]}
+    return clean, {}
+
+
+def _check_email(value: str, settings: Settings, resolver: Any) -> str | list[str]:
+    try:
+        result = validate_email(
+            value,
+            check_deliverability=False,
+            allow_smtputf8=False,
+            test_environment=settings.allow_test_domains,
+        )
+    except EmailNotValidError:
+        return [str(_l("Please enter a valid email address, like name@example.com."))]
+    domain = result.ascii_domain
+    accepts = domain_accepts_mail(domain, resolver)
+    if accepts is False:
+        event(log, "form.email_domain_rejected", domain=domain)
+        return [str(_l("The domain of this email address does not accept mail."))]
+    if accepts is None:
+        event(log, "form.email_domain_unknown", logging.WARNING, domain=domain)
+    return str(result.ascii_email or result.normalized)
+
+
+def domain_accepts_mail(domain: str, resolver: Any) -> bool | None:
+    """Run relay.mx's async check from a sync Flask view."""
+    return asyncio.run(mx.domain_accepts_mail(domain, resolver))
