@@ -58,6 +58,9 @@ DUE_STATUSES = ("queued", "deferred", "sending")
 MIGRATION_LOCK_KEY = 0x7265_6C61_7900  # "relay\0": pg_advisory_xact_lock for migrations
 SQLITE_BUSY_TIMEOUT_MS = 5000
 MIGRATIONS = Path(__file__).parent / "migrations"
+# Alembic keeps its migration context in module globals: one migration at a time per process.
+# Across processes and nodes, PostgreSQL's advisory lock (migrations/env.py) serialises them.
+_MIGRATION_LOCK = threading.Lock()
 
 
 def utcnow() -> datetime:
@@ -542,7 +545,7 @@ class Outbox:
 
     def upgrade(self, revision: str = "head") -> None:
         """Create or migrate the schema (idempotent; safe from several nodes at once)."""
-        with self._store(), self.engine.begin() as conn:
+        with _MIGRATION_LOCK, self._store(), self.engine.begin() as conn:
             command.upgrade(alembic_config(conn), revision)
         self._schema_ready = True
 
@@ -556,7 +559,9 @@ class Outbox:
     def _ready(self) -> None:
         if self._schema_ready or not self.auto_migrate:
             return
-        if self.current_revision() != self.head_revision():
+        with _MIGRATION_LOCK:
+            current = self.current_revision()
+        if current != self.head_revision():
             self.upgrade()
         self._schema_ready = True
 
