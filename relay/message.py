@@ -108,8 +108,9 @@ def _drop(ch: str, *, multiline: bool) -> bool:
     category = unicodedata.category(ch)
     if category == "Cc":
         return not (multiline and ch in "\n\t")
-    # Lone surrogates cannot be encoded; unassigned code points have no rendering to trust.
-    return category in ("Cs", "Cn")
+    # Lone surrogates cannot be encoded. Unassigned ("Cn") code points stay: this Python's
+    # Unicode tables predate the newest emoji, and visitors' text must not silently shrink.
+    return category == "Cs"
 
 
 def sanitize_text(value: str, *, max_length: int, multiline: bool) -> str:

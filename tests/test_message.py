@@ -283,6 +283,15 @@ def test_sanitize_caps_after_cleaning() -> None:
     assert sanitize_text("\ud800x", max_length=3, multiline=False) == "x"  # lone surrogate
 
 
+def test_sanitize_keeps_text_newer_than_this_pythons_unicode_tables() -> None:
+    shaking_face = "\U0001fae8"  # Unicode 15; unassigned for Python 3.11's unicodedata
+    assert sanitize_text(f"hi {shaking_face}", max_length=10, multiline=False).endswith(
+        shaking_face
+    )
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467"  # ZWJ sequence, kept in the body
+    assert sanitize_text(family, max_length=10, multiline=True) == family
+
+
 def test_header_text_breaks_encoded_words() -> None:
     cleaned = header_text(CVE_2024_6923 + " and = ?x?q?y?=", 200)
     assert "=?" not in cleaned
