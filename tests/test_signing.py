@@ -294,6 +294,21 @@ def test_dkimpy_seam_is_unchanged(signer: Signer) -> None:
     assert signer.native is True
 
 
+def test_native_signer_never_runs_dkimpys_python_rsa(
+    monkeypatch: pytest.MonkeyPatch, both_keys: Settings, dnsfunc: DnsFunc
+) -> None:
+    native, pure = Signer.from_settings(both_keys), Signer.from_settings(both_keys, native=False)
+
+    def python_rsa(*args: object) -> bytes:
+        raise AssertionError("dkimpy's pure-Python RSA was called")
+
+    monkeypatch.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", python_rsa)
+    raw = built(both_keys)
+    assert verify_all(native.sign(raw), dnsfunc) == [True, True]
+    with pytest.raises(AssertionError, match="pure-Python RSA"):
+        pure.sign(raw)
+
+
 def test_broken_seam_falls_back_to_pure_dkimpy(
     monkeypatch: pytest.MonkeyPatch,
     both_keys: Settings,
