@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import random
 import re
 import socket
@@ -194,8 +195,9 @@ class _Refused(Exception):
 class _Broken(Exception):
     """This conversation cannot go on for a reason of ours (TLS policy, AUTH)."""
 
-    def __init__(self, reason: str, *, tls_failed: bool = False) -> None:
+    def __init__(self, reason: str, *, code: int | None = None, tls_failed: bool = False) -> None:
         self.reason = reason
+        self.code = code
         self.tls_failed = tls_failed
         super().__init__(reason)
 
@@ -211,15 +213,18 @@ class _Conversation:
         self.code: int | None = None
         self.text = ""
         self.smtp: SMTP | None = None
+        self.raw_transport: asyncio.Transport | None = None
 
     async def run(self, *, use_starttls: bool) -> _Outcome:
         started_at = datetime.now(UTC)
         start = time.monotonic()
         error: DeliveryError | None = None
-        dropped = tls_failed = False
+        dropped = tls_failed = polite = False
         try:
             await self._converse(use_starttls)
+            polite = True
         except _Refused as exc:
+            polite = True
             self.code = exc.code
             status, self.text = parse_reply(exc.message)
             error = SMTPReplyError(
@@ -232,21 +237,22 @@ class _Conversation:
                 stage=self.stage,
             )
         except _Broken as exc:
-            self.text = exc.reason
+            self.code, self.text = exc.code, exc.reason
             error, tls_failed = self._failure(exc.reason), exc.tls_failed
+            polite = not tls_failed
         except TimeoutError:
             settings = self.job.settings
             timeout = settings.smtp_data_timeout if self.stage == "dot" else settings.smtp_timeout
-            self.text = f"timed out after {timeout:g}s waiting at {self.stage}"
+            self.code, self.text = None, f"timed out after {timeout:g}s waiting at {self.stage}"
             error = self._failure(self.text)
         except ConnectionError as exc:  # aiosmtplib's disconnects are ConnectionErrors too
-            self.text = f"connection lost at {self.stage}: {exc}"
+            self.code, self.text = None, f"connection lost at {self.stage}: {exc}"
             error, dropped = self._failure(self.text), self.stage != "dot"
         except (SMTPException, OSError) as exc:
-            self.text = f"{type(exc).__name__} at {self.stage}: {exc}"
+            self.code, self.text = None, f"{type(exc).__name__} at {self.stage}: {exc}"
             error = self._failure(self.text)
         finally:
-            await self._close()
+            await self._close(polite=polite)
         status = error.enhanced_status if isinstance(error, SMTPReplyError) else None
         if error is None:
             status, self.text = parse_reply(self.text)
@@ -290,7 +296,8 @@ class _Conversation:
             ) from None
         except OSError as exc:
             sock.close()
-            raise _Broken(f"connect failed: {exc.strerror or exc}") from None
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise _Broken(f"connect failed: {why}") from None
         return sock
 
     def _reply(self, code: int, message: str, *accepted: int) -> None:
@@ -336,7 +343,9 @@ class _Conversation:
             # The server refused STARTTLS; the connection is still good for plain text.
             self.code, self.text = exc.code, exc.message
             if required:
-                raise _Broken(f"STARTTLS refused: {exc.code} {exc.message}") from None
+                raise _Broken(
+                    f"STARTTLS refused: {exc.code} {exc.message}", code=exc.code
+                ) from None
             return
         except (SMTPException, ssl.SSLError, OSError) as exc:
             raise _Broken(f"TLS handshake failed: {exc}", tls_failed=True) from None
@@ -357,8 +366,7 @@ class _Conversation:
                 timeout=self.job.settings.smtp_timeout,
             )
         except SMTPResponseException as exc:  # SMTPAuthenticationError included
-            self.code = exc.code
-            raise _Broken(f"AUTH failed: {exc.code} {exc.message}") from None
+            raise _Broken(f"AUTH failed: {exc.code} {exc.message}", code=exc.code) from None
         except (TimeoutError, ConnectionError):
             raise
         except SMTPException as exc:  # no AUTH offered, no common mechanism
@@ -378,6 +386,8 @@ class _Conversation:
             greeting = await self.smtp.connect(timeout=self.job.settings.smtp_timeout)
         except SMTPConnectResponseError as exc:
             raise _Refused(exc.code, exc.message) from None
+        if isinstance(self.smtp.transport, asyncio.Transport):
+            self.raw_transport = self.smtp.transport
         self._reply(greeting.code, greeting.message, 220)
         await self._hello()
         if use_starttls:
@@ -401,14 +411,21 @@ class _Conversation:
         reply = await protocol.read_response(timeout=self.job.settings.smtp_data_timeout)
         self._reply(reply.code, reply.message, 250)
 
-    async def _close(self) -> None:
+    async def _close(self, *, polite: bool) -> None:
+        """QUIT after a reply; after a timeout or a broken stream, only close."""
         smtp, self.smtp = self.smtp, None
         if smtp is None:
             return
-        if smtp.is_connected:
+        if polite and smtp.is_connected:
             with contextlib.suppress(SMTPException, OSError):
                 await smtp.quit(timeout=min(5.0, self.job.settings.smtp_timeout))
         smtp.close()
+        # Closing a TLS transport waits for the peer's close_notify; we have nothing more to
+        # say, so drop the socket under it now rather than leave it to the event loop.
+        if self.raw_transport is not None and not self.raw_transport.is_closing():
+            self.raw_transport.abort()
+        self.raw_transport = None
+        await asyncio.sleep(0)
 
 
 def _dropped(outcome: _Outcome) -> bool:
