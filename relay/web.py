@@ -114,7 +114,7 @@ def request_origin() -> str | None:
     """The Origin header, or the origin of the Referer when Origin is absent."""
     origin = request.headers.get("Origin")
     if origin is not None:
-        return origin.strip().lower()
+        return origin_of(origin) or "null"
     referer = request.headers.get("Referer")
     if referer:
         return origin_of(referer) or "null"
@@ -312,6 +312,8 @@ def submit() -> Response:
     else:
         parsed = forms.read_form(request.form)
     form = forms.ContactForm(formdata=parsed.data)
+    if "form" in parsed.errors:
+        return invalid(form, parsed.errors, as_json)
 
     if parsed.data.get(forms.HONEYPOT, "").strip():
         event(log, "form.honeypot", ip=request.remote_addr, origin=request_origin() or "-")
@@ -517,7 +519,7 @@ def security_headers(response: Response) -> Response:
     )
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
-    if request.is_secure and not web.settings.is_development:
+    if request.is_secure:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
     origin = request.headers.get("Origin", "").lower()
     if request.path == "/form" and origin in web.allowed_origins:
