@@ -93,7 +93,7 @@ def test_worker_stops_gracefully() -> None:
 
 def test_queue_check_timer_runs_the_check() -> None:
     service = _unit("formrelay-queue-check.service")["Service"]
-    assert f"ExecStart={INSTALL_BIN}relay queue-check" in service
+    assert f"ExecStart={INSTALL_BIN}relay queue-check --max-age 3600" in service
     assert any(line.startswith("OnUnitActiveSec=") for line in _unit(UNITS[3])["Timer"])
 
 

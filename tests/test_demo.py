@@ -1,0 +1,160 @@
+"""`relay demo`: the sandbox end to end as a real subprocess, and its demo-only guards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from relay.config import Settings
+from relay.demo import (
+    DEMO_CAPTCHA_TOKEN,
+    FROM_DOMAIN,
+    SUPPORT_DOMAIN,
+    OfflineDemoVerifier,
+    demo_settings,
+    demo_zone,
+    make_key,
+    refuse_outside_demo,
+    sync_resolver,
+)
+from relay.errors import CaptchaError, ConfigError
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.mailbox import check_dkim, check_spf
+from relay.signing import Signer, dkim_txt_record
+
+RELAY = Path(sys.executable).with_name("relay")
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any RELAY_ variable: the demo must need none."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.slow
+def test_smoke_delivers_through_the_greylist_with_dkim_and_spf_passing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(RELAY), "demo", "--smoke", "--folder", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+        env=_clean_env(),
+        check=False,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    greylisted = out.index("mailbox: greylisted form@shop.demo.test")
+    received = out.index("mailbox: received <")
+    assert greylisted < received, "the delivery must come after the greylist deferral"
+    assert "DKIM:     pass (d=shop.demo.test s=demo a=rsa-sha256)" in out
+    assert "SPF:      pass" in out
+    # The log shows both attempts: the 451 deferral, then the delivery.
+    assert "delivered  2" in out
+    assert "451 4.7.1 Greylisted" in out[out.index("relay show") :]
+    assert "smoke: OK" in out
+    # The worker logged the deferral with its data, then the delivery.
+    assert "delivery.deferred" in result.stderr
+    assert "code=451" in result.stderr
+    assert "delivery.delivered" in result.stderr
+    stored = list((tmp_path / "demo" / "Maildir" / "new").iterdir())
+    assert len(stored) == 1
+    assert stored[0].read_bytes().startswith(b"Authentication-Results: mx.support.demo.test;")
+    assert ((tmp_path / "demo" / "dkim-rsa.pem").stat().st_mode & 0o777) == 0o600
+
+
+def test_demo_refuses_a_production_environment(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [str(RELAY), "demo", "--smoke", "--folder", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+        env=_clean_env(RELAY_ENV="production"),
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "refused outside RELAY_ENV=demo" in result.stderr
+    assert not (tmp_path / "demo").exists(), "nothing may start before the refusal"
+
+
+def test_refusal_reads_only_relay_env() -> None:
+    assert refuse_outside_demo({}) is None
+    assert refuse_outside_demo({"RELAY_ENV": "demo"}) is None
+    for env in ("production", "development", "test"):
+        assert refuse_outside_demo({"RELAY_ENV": env}) is not None
+
+
+def test_offline_verifier_is_refused_outside_demo(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    # Production refuses .test addresses, so the test world's settings are relabelled.
+    production = make_settings().model_copy(update={"env": "production"})
+    with pytest.raises(ConfigError) as refused:
+        OfflineDemoVerifier(production)
+    assert "RELAY_ENV" in refused.value.problems[0]
+    with pytest.raises(ConfigError):
+        OfflineDemoVerifier(make_settings(RELAY_ENV="test"))
+
+
+@pytest.fixture
+def demo_world(tmp_path: Path) -> tuple[Settings, DNSZoneServer, bytes]:
+    pem = make_key(tmp_path / "dkim-rsa.pem")
+    server = DNSZoneServer(demo_zone(dkim_txt_record(pem), "127.0.0.2")).start()
+    settings = demo_settings(
+        tmp_path, dns_address=server.address, smtp_port=2525, base_url="http://127.0.0.1:1"
+    )
+    return settings, server, pem
+
+
+def test_offline_verifier_accepts_only_its_tokens(
+    demo_world: tuple[Settings, DNSZoneServer, bytes],
+) -> None:
+    settings, server, _pem = demo_world
+    server.stop()
+    verifier = OfflineDemoVerifier(settings)
+    verifier.verify(DEMO_CAPTCHA_TOKEN, remoteip="127.0.0.1", hostnames=["127.0.0.1"])
+    for token in ("", "pass-anything", DEMO_CAPTCHA_TOKEN + "x"):
+        with pytest.raises(CaptchaError):
+            verifier.verify(token, remoteip="127.0.0.1", hostnames=["127.0.0.1"])
+
+
+def test_demo_settings_need_no_environment(
+    demo_world: tuple[Settings, DNSZoneServer, bytes],
+) -> None:
+    settings, server, _pem = demo_world
+    server.stop()
+    assert settings.env == "demo"
+    assert settings.from_domain == FROM_DOMAIN
+    assert settings.support_address.endswith("@" + SUPPORT_DOMAIN)
+    assert settings.retry_initial <= 5
+    assert settings.dkim_key_pem
+
+
+def test_mailbox_checks_catch_a_forged_sender(
+    demo_world: tuple[Settings, DNSZoneServer, bytes],
+) -> None:
+    """The verdicts the demo prints are real: a wrong IP fails SPF, a changed body fails DKIM."""
+    settings, server, _pem = demo_world
+    try:
+        resolver = sync_resolver(server.address)
+        helo = settings.helo_hostname
+        assert check_spf("127.0.0.1", settings.from_address, helo, resolver)[0] == "pass"
+        assert check_spf("127.0.0.77", settings.from_address, helo, resolver)[0] == "fail"
+        raw = (
+            b"From: Demo Shop <form@shop.demo.test>\r\nTo: help@support.demo.test\r\n"
+            b"Subject: hello\r\nMessage-ID: <1@shop.demo.test>\r\n\r\nBody line.\r\n"
+        )
+        signed = Signer.from_settings(settings).sign(raw)
+        assert [r.result for r in check_dkim(signed, resolver)] == ["pass"]
+        tampered = signed.replace(b"Body line.", b"Body line!")
+        assert [r.result for r in check_dkim(tampered, resolver)] == ["fail"]
+        assert check_dkim(raw, resolver) == ()
+    finally:
+        server.stop()
