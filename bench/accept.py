@@ -1,0 +1,178 @@
+"""accept: POST /form throughput and latency under gunicorn, as deployed.
+
+The server is gunicorn with deploy/gunicorn.conf.py (gthread workers), the load generator is
+`wrk` (C, a separate process, bounded by time) driving bench/wrk_post.lua, which POSTs a
+unique form per request. Targets: the relay with the SQLite store, the relay with a fresh
+PostgreSQL database, and bench/bare_app.py (a Flask endpoint that does nothing).
+Every submission carries a fresh "pass-..." token for the siteverify stand-in, and the
+visitor's domain is checked against the bench DNS server, so the whole accept path runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.util import (
+    ROOT,
+    PeakRSS,
+    children,
+    free_port,
+    port_open,
+    running,
+    venv_tool,
+    wait_until,
+)
+from bench.world import form_fields
+
+WRK = shutil.which("wrk")
+LUA = Path(__file__).with_name("wrk_post.lua")
+GUNICORN_CONF = ROOT / "deploy" / "gunicorn.conf.py"
+
+
+def available() -> str | None:
+    return None if WRK else "wrk is missing (apt-get install wrk)"
+
+
+def body_template(run: str) -> str:
+    fields = form_fields(0, run)
+    fields["name"] = "Visitor {i}"
+    fields["email"] = "visitor{i}@visitor.test"
+    fields["subject"] = "Order {i} has not arrived"
+    fields["h-captcha-response"] = f"pass-{run}-{{i}}"
+    return urllib.parse.urlencode(fields).replace("%7Bi%7D", "{i}")
+
+
+@contextmanager
+def gunicorn(app: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, Any]]:
+    """gunicorn serving `app`; yields (base URL, master process)."""
+    port = free_port()
+    env = {**env, "FORMRELAY_BIND": f"127.0.0.1:{port}", "FORMRELAY_GUNICORN_LOGLEVEL": "warning"}
+    argv = [venv_tool("gunicorn")]
+    if GUNICORN_CONF.exists():
+        argv += ["--config", str(GUNICORN_CONF)]
+    else:
+        argv += [
+            "--bind",
+            env["FORMRELAY_BIND"],
+            "--workers",
+            "4",
+            "--threads",
+            "4",
+            "--worker-class",
+            "gthread",
+        ]
+    argv += ["--access-logfile", str(log.with_suffix(".access")), app]
+    with running(argv, env=env, log=log, cwd=ROOT) as proc:
+        if not wait_until(lambda: port_open("127.0.0.1", port), 30):
+            raise RuntimeError(f"gunicorn {app} did not listen; see {log}")
+        yield f"http://127.0.0.1:{port}", proc
+
+
+def wrk(url: str, *, clients: int, seconds: float, body: str, headers: str = "") -> dict[str, Any]:
+    assert WRK is not None
+    threads = min(2, clients)
+    env = {
+        **os.environ,
+        "BENCH_BODY": body,
+        "BENCH_PATH": urllib.parse.urlsplit(url).path,
+        "BENCH_HEADERS": headers,
+    }
+    out = subprocess.run(
+        [
+            WRK,
+            "-t",
+            str(threads),
+            "-c",
+            str(clients),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(LUA),
+            url,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            data = json.loads(line[len("BENCHJSON ") :])
+            seconds_run = data["duration_us"] / 1e6
+            return {
+                "clients": clients,
+                "requests": data["requests"],
+                "rps": round(data["requests"] / seconds_run, 1),
+                "p50_ms": round(data["p50_us"] / 1000, 2),
+                "p99_ms": round(data["p99_us"] / 1000, 2),
+                "statuses": data["statuses"],
+                "errors": {k: v for k, v in data["errors"].items() if v},
+            }
+    raise RuntimeError(f"wrk printed no result: {out.stdout}{out.stderr}")
+
+
+class Sampler:
+    """Samples the VmHWM of gunicorn's workers every 0.25 s (workers are recycled)."""
+
+    def __init__(self, master_pid: int) -> None:
+        self.master_pid = master_pid
+        self.peak = PeakRSS()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak.sample(children(self.master_pid))
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak.sample(children(self.master_pid))
+        self._stop.set()
+        self._thread.join()
+
+
+def measure(
+    app: str,
+    env: dict[str, str],
+    log: Path,
+    *,
+    path: str,
+    concurrencies: list[int],
+    seconds: float,
+    run: str,
+    headers: str = "",
+) -> dict[str, Any]:
+    """Warm up, then one wrk run per concurrency; plus the workers' peak RSS."""
+    body = body_template(run)
+    results: dict[str, Any] = {"runs": []}
+    with gunicorn(app, env, log) as (base, proc), Sampler(proc.pid) as sampler:
+        wrk(base + path, clients=4, seconds=1, body=body.replace("{i}", "9{i}"), headers=headers)
+        for number, clients in enumerate(concurrencies, start=1):
+            time.sleep(0.5)
+            results["runs"].append(
+                wrk(
+                    base + path,
+                    clients=clients,
+                    seconds=seconds,
+                    body=body.replace("{i}", f"{number}{{i}}"),
+                    headers=headers,
+                )
+            )
+    results["worker_peak_rss_mb"] = sampler.peak.max_mb
+    return results

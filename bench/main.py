@@ -1,0 +1,329 @@
+"""`bench/run [--quick]`: runs the sections, prints JSON and Markdown, writes bench/results/.
+
+Sections: sign, accept, e2e, drain (memory figures come from accept and e2e). Everything runs
+against peers on loopback: the bench DNS server and siteverify stand-in (bench/peers.py),
+smtp-sink as the MX, a private Postfix + OpenDKIM as the reference. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dkim
+import psycopg
+
+from bench import accept, pipeline, postfix, report, sign, world
+from bench.util import ROOT
+from relay.config import load_settings
+from relay.outbox import Outbox
+from tests.conftest import public_key_b64
+
+SECTIONS = ("sign", "accept", "e2e", "drain")
+WORK_PARENT = Path("/var/lib/formrelay-bench")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run",
+        description="formrelay benchmarks: accept, end to end, drain, sign, memory "
+        "(loopback only; needs root, wrk, postfix, opendkim, PostgreSQL on 127.0.0.1:5432).",
+    )
+    parser.add_argument("--quick", action="store_true", help="small N, short runs (< 3 min)")
+    parser.add_argument("-n", "--messages", type=int, help="messages for e2e/drain (2000)")
+    parser.add_argument("--seconds", type=float, help="seconds per accept run (10; quick 3)")
+    parser.add_argument(
+        "--only", default=",".join(SECTIONS), help=f"comma list of sections ({','.join(SECTIONS)})"
+    )
+    parser.add_argument(
+        "--stores", default="sqlite,postgres", help="stores for accept and e2e (sqlite,postgres)"
+    )
+    parser.add_argument("--concurrency", default="1,8,32", help="accept clients (1,8,32)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--no-save", action="store_true", help="print only; write no results")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, dumps)")
+    args = parser.parse_args(argv)
+    args.messages = args.messages or (300 if args.quick else 2000)
+    args.seconds = args.seconds or (3.0 if args.quick else 10.0)
+    args.sections = [s for s in args.only.split(",") if s]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    args.store_list = [s for s in args.stores.split(",") if s]
+    args.clients = [int(c) for c in args.concurrency.split(",") if c]
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one run, dropped afterwards."""
+    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+    name = "relay_bench_" + uuid.uuid4().hex[:10]
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
+            "postgresql://", "postgresql+psycopg://"
+        )
+        try:
+            yield f"{base}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def database(store: str, folder: Path) -> Iterator[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if store == "sqlite":
+        yield f"sqlite:///{folder / 'relay.sqlite3'}"
+    else:
+        with postgres_database() as url:
+            yield url
+
+
+def dkim_verifier(keys: world.Keys) -> Callable[[bytes], bool]:
+    """dkimpy verification with the bench keys as the DNS answers."""
+    records = {
+        b"s1._domainkey.relay.test.": f"v=DKIM1; k=rsa; p={public_key_b64(keys.rsa_pem)}",
+        b"e1._domainkey.relay.test.": f"v=DKIM1; k=ed25519; p={public_key_b64(keys.ed_pem)}",
+    }
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        key = name if name.endswith(b".") else name + b"."
+        return records.get(key, "").encode()
+
+    def verify(message: bytes) -> bool:
+        return bool(dkim.verify(message, dnsfunc=dnsfunc))
+
+    return verify
+
+
+def tool_versions() -> dict[str, str]:
+    versions: dict[str, str] = {"python": platform.python_version()}
+    with contextlib.suppress(Exception):
+        versions["postfix"] = subprocess.run(
+            ["postconf", "-h", "mail_version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["opendkim", "-V"], capture_output=True, text=True, check=False)
+        versions["opendkim"] = (out.stdout or out.stderr).splitlines()[0]
+    with contextlib.suppress(Exception):
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+        versions["wrk"] = (out.stdout or out.stderr).splitlines()[0]
+    return versions
+
+
+def commit() -> str:
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return out.stdout.strip() or "?"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    WORK_PARENT.mkdir(mode=0o755, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=WORK_PARENT))
+    work.chmod(0o755)  # Postfix's and smtp-sink's unprivileged users walk through it
+    log(f"work folder {work}")
+    results: dict[str, Any] = {}
+    keys = world.make_keys(work / "keys")
+    zone = work / "zone.txt"
+    zone.write_text(world.zone_text(keys))
+    verify = dkim_verifier(keys)
+    run_id = uuid.uuid4().hex[:8]
+    reference = postfix.available()
+    try:
+        with world.peers(zone, port53=reference is None) as peers:
+
+            def env_for(url: str, folder: Path, **extra: str) -> dict[str, str]:
+                return pipeline.environ(
+                    world.relay_env(
+                        keys,
+                        dns=peers.dns,
+                        siteverify=peers.siteverify,
+                        smtp_port=25,
+                        database_url=url,
+                        instance=folder,
+                        base={},
+                    )
+                    | extra
+                )
+
+            base_settings = load_settings(
+                {
+                    **env_for("sqlite://", work / "x"),
+                    "RELAY_SMTP_PORT": "25",
+                    "RELAY_DKIM_ED25519_SELECTOR": "e1",
+                    "RELAY_DKIM_ED25519_KEY_FILE": str(keys.ed_file),
+                },
+                env_file=None,
+            )
+            raw = world.build_messages(1, base_settings)[0].raw
+            results["meta"] = {"message_bytes": len(raw)}
+
+            if "sign" in args.sections:
+                log("sign")
+                results["sign"] = sign.run(
+                    keys, raw, base_settings, seconds=1.0 if args.quick else 3.0
+                )
+
+            if "accept" in args.sections:
+                results["accept"] = accept_section(args, work, env_for, run_id)
+
+            if "e2e" in args.sections or "drain" in args.sections:
+                built = world.build_messages(args.messages, base_settings)
+                timeout = max(120.0, args.messages / 5)
+                for section in ("e2e", "drain"):
+                    if section not in args.sections:
+                        continue
+                    rows: dict[str, Any] = {}
+                    for store in args.store_list[: 1 if args.quick else None]:
+                        name = "relay" if store == "sqlite" else f"relay_{store}"
+                        log(f"{section}: relay ({store}), {len(built)} messages")
+                        folder = work / f"{section}-{store}"
+                        with database(store, folder) as url:
+                            env = env_for(url, folder)
+
+                            def make_outbox(url: str = url) -> Any:
+                                outbox = Outbox(url)
+                                outbox.upgrade()
+                                return outbox
+
+                            fn = pipeline.relay_e2e if section == "e2e" else pipeline.relay_drain
+                            try:
+                                rows[name] = fn(
+                                    make_outbox, built, env, folder, verify, timeout=timeout
+                                )
+                            except Exception as exc:
+                                rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    for name, key_pem in (("postfix_opendkim", keys.rsa_pem), ("postfix", None)):
+                        if section == "drain" and key_pem is None:
+                            continue
+                        if reference is not None:
+                            rows[name] = {"error": reference}
+                            continue
+                        log(f"{section}: {name}, {len(built)} messages")
+                        try:
+                            rows[name] = pipeline.postfix_run(
+                                work / f"{section}-{name}",
+                                raw,
+                                len(built),
+                                key_pem,
+                                verify,
+                                drain=section == "drain",
+                                timeout=timeout,
+                            )
+                        except Exception as exc:
+                            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                    results[section] = rows
+    finally:
+        if args.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["memory"] = memory(results)
+    return results
+
+
+def accept_section(
+    args: argparse.Namespace, work: Path, env_for: Callable[..., dict[str, str]], run_id: str
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    problem = accept.available()
+    targets = ["bare", *args.store_list]
+    for target in targets:
+        if problem:
+            out[target] = {"error": problem}
+            continue
+        log(f"accept: {target}, clients {args.clients}, {args.seconds:g} s each")
+        folder = work / f"accept-{target}"
+        try:
+            with database("sqlite" if target == "bare" else target, folder) as url:
+                env = env_for(url, folder)
+                if target != "bare":
+                    store = Outbox(url)
+                    store.upgrade()
+                app = "bench.bare_app:app" if target == "bare" else "relay:create_app()"
+                out[target] = accept.measure(
+                    app,
+                    env,
+                    folder / "gunicorn.log",
+                    path="/form",
+                    concurrencies=args.clients,
+                    seconds=args.seconds,
+                    run=f"{run_id}{target}",
+                    headers="Origin:http://localhost",
+                )
+                if target != "bare":
+                    out[target]["outbox"] = store.counts()
+                    store.dispose()
+        except Exception as exc:
+            out[target] = {"error": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+def memory(results: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for target, section in (results.get("accept") or {}).items():
+        if isinstance(section, dict) and section.get("worker_peak_rss_mb"):
+            out[f"gunicorn worker ({target})"] = section["worker_peak_rss_mb"]
+    for section in ("e2e", "drain"):
+        for name, row in (results.get(section) or {}).items():
+            if row.get("worker_peak_rss_mb"):
+                out[f"relay worker ({section}, {name})"] = row["worker_peak_rss_mb"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if os.geteuid() != 0:
+        log("warning: not root; smtp-sink, Postfix and the port-53 DNS need root")
+    started = time.monotonic()
+    results = run(args)
+    results["meta"] = {
+        **results.get("meta", {}),
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "quick": args.quick,
+        "n": args.messages,
+        "accept_seconds": args.seconds,
+        "cpus": os.cpu_count(),
+        "commit": commit(),
+        "tools": tool_versions(),
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
+    results["ratios"] = report.ratios(results)
+    results["goals"] = report.goals(results)
+    text = report.markdown(results)
+    print(json.dumps(results, indent=2, default=str))
+    print()
+    print(text)
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = "quick" if args.quick else "full"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (args.out / f"{stem}.md").write_text(text)
+        (args.out / "latest.md").write_text(text)
+        log(f"wrote {args.out}/{stem}.json and {stem}.md")
+    return 0

@@ -1,0 +1,201 @@
+"""end to end and drain: messages from the outbox to the MX, the relay against Postfix.
+
+end to end: 8 producer threads commit N prebuilt messages through Outbox.enqueue while a
+`relay worker` process signs each one, looks up support.test's MX in the bench DNS and
+delivers it to the sink; the clock runs from the first enqueue to the last message at the
+sink. drain: N messages are committed first (the helpdesk was unreachable), then the worker
+starts; the clock runs from the worker's start to the last message at the sink.
+
+Postfix gets the same N messages over SMTP (smtp-source, 8 sessions), and for the drain they
+wait in its deferred queue (defer_transports = smtp) until the flush.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench import postfix
+from bench.sink import Sink, message_of_dump
+from bench.util import ROOT, PeakRSS, running, venv_tool, wait_until
+
+PRODUCERS = 8
+
+
+def produce(outbox: Any, built: Sequence[Any], producers: int = PRODUCERS) -> float:
+    """Enqueue every message from `producers` threads; returns when the last commit ends."""
+    errors: list[BaseException] = []
+
+    def work(chunk: Sequence[Any]) -> None:
+        try:
+            for item in chunk:
+                outbox.enqueue(item)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(built[i::producers],)) for i in range(producers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return time.monotonic()
+
+
+def _worker(env: dict[str, str], log: Path) -> Any:
+    return running([venv_tool("relay"), "worker"], env=env, log=log, cwd=ROOT)
+
+
+def _to(env: dict[str, str], sink: Sink) -> dict[str, str]:
+    return {**env, "RELAY_SMTP_PORT": str(sink.port)}
+
+
+def _wait_started(log: Path, proc: Any) -> None:
+    if not wait_until(lambda: "worker.started" in log.read_text(errors="replace"), 30):
+        raise RuntimeError(f"relay worker did not start (exit {proc.poll()}); see {log}")
+
+
+def _watch_rss(pid: int, stop: threading.Event, peak: PeakRSS) -> None:
+    while not stop.wait(0.25):
+        peak.sample([pid])
+
+
+def relay_e2e(
+    make_outbox: Callable[[], Any],
+    built: Sequence[Any],
+    env: dict[str, str],
+    work: Path,
+    verify: Callable[[bytes], bool],
+    *,
+    timeout: float,
+) -> dict[str, Any]:
+    outbox = make_outbox()
+    n = len(built)
+    log = work / "worker-e2e.log"
+    with Sink(work / "sink-e2e") as sink, _worker(_to(env, sink), log) as proc:
+        _wait_started(log, proc)
+        peak, stop = PeakRSS(), threading.Event()
+        threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
+        started = time.monotonic()
+        accepted_at = produce(outbox, built)
+        done = sink.wait_for(n, timeout)
+        stop.set()
+        peak.sample([proc.pid])
+        row = _row(n, started, sink, done)
+        row["accept_messages_per_second"] = round(n / (accepted_at - started), 1)
+        row["worker_peak_rss_mb"] = peak.max_mb
+        row["dkim_valid"] = _check(sink, verify)
+        row["notes"] = (
+            f"accept {row['accept_messages_per_second']}/s; concurrency "
+            f"{env.get('RELAY_WORKER_CONCURRENCY', '10 (default)')}; DKIM "
+            f"{'valid' if row['dkim_valid'] else 'NOT valid'}"
+        )
+    row["outbox"] = outbox.counts()
+    outbox.dispose()
+    return row
+
+
+def relay_drain(
+    make_outbox: Callable[[], Any],
+    built: Sequence[Any],
+    env: dict[str, str],
+    work: Path,
+    verify: Callable[[bytes], bool],
+    *,
+    timeout: float,
+) -> dict[str, Any]:
+    outbox = make_outbox()
+    n = len(built)
+    produce(outbox, built)
+    log = work / "worker-drain.log"
+    with Sink(work / "sink-drain") as sink:
+        started = time.monotonic()
+        with _worker(_to(env, sink), log) as proc:
+            peak, stop = PeakRSS(), threading.Event()
+            threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
+            done = sink.wait_for(n, timeout)
+            stop.set()
+            peak.sample([proc.pid])
+        row = _row(n, started, sink, done)
+        row["worker_peak_rss_mb"] = peak.max_mb
+        row["dkim_valid"] = _check(sink, verify)
+        if sink.first_at is not None and sink.last_at is not None and sink.last_at > sink.first_at:
+            row["after_first_delivery_per_second"] = round(
+                (n - 1) / (sink.last_at - sink.first_at), 1
+            )
+        row["notes"] = (
+            f"clock starts at process start (imports included); "
+            f"{row.get('after_first_delivery_per_second')}/s after the first delivery"
+        )
+    row["outbox"] = outbox.counts()
+    outbox.dispose()
+    return row
+
+
+def postfix_run(
+    work: Path,
+    raw: bytes,
+    n: int,
+    key_pem: bytes | None,
+    verify: Callable[[bytes], bool],
+    *,
+    drain: bool,
+    timeout: float,
+) -> dict[str, Any]:
+    """N messages through a private Postfix (+ OpenDKIM when key_pem) to the sink."""
+    message = postfix.message_file(raw, work / "message.txt")
+    with (
+        Sink(work / "sink") as sink,
+        postfix.instance(work / "postfix", sink_port=sink.port, key_pem=key_pem, defer=drain) as pf,
+    ):
+        if drain:
+            postfix.inject(pf.port, message, n, PRODUCERS)
+            if not wait_until(lambda: pf.deferred() >= n, timeout):
+                raise RuntimeError(f"only {pf.deferred()} of {n} messages reached the queue")
+            started = time.monotonic()
+            pf.release()
+        else:
+            started = time.monotonic()
+            postfix.inject(pf.port, message, n, PRODUCERS)
+        done = sink.wait_for(n, timeout)
+        row = _row(n, started, sink, done)
+        row["dkim_valid"] = _check(sink, verify) if key_pem else None
+        row["notes"] = (
+            "DKIM " + ("valid" if row["dkim_valid"] else "NOT valid") if key_pem else "unsigned"
+        ) + ("; clock starts at the flush" if drain else "; smtp-source, 8 sessions")
+    return row
+
+
+def _row(n: int, started: float, sink: Sink, done: bool) -> dict[str, Any]:
+    end = sink.last_at if sink.last_at is not None else time.monotonic()
+    seconds = end - started
+    row: dict[str, Any] = {
+        "messages": sink.count,
+        "seconds": round(seconds, 2),
+        "messages_per_second": round(sink.count / seconds, 1) if done and seconds > 0 else None,
+    }
+    if not done:
+        row["error"] = f"timed out: {sink.count} of {n} messages at the sink"
+    return row
+
+
+def _check(sink: Sink, verify: Callable[[bytes], bool]) -> bool:
+    dumps = sink.dumps()
+    if not dumps:
+        return False
+    sample = [dumps[0], dumps[len(dumps) // 2], dumps[-1]]
+    return all(verify(message_of_dump(path)) for path in sample)
+
+
+def environ(extra: dict[str, str]) -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    return {**keep, **extra}
+
+
+__all__ = ["postfix_run", "relay_drain", "relay_e2e", "subprocess"]
