@@ -32,7 +32,7 @@ from flask import (
     url_for,
 )
 from flask_babel import Babel, gettext
-from flask_limiter import Limiter
+from flask_limiter import ApplicationLimit, Limiter
 from flask_limiter.util import get_remote_address
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
@@ -575,8 +575,11 @@ def create_app(
         app=app,
         default_limits=[settings.rate_limit],
         default_limits_exempt_when=not_post,
-        application_limits=[settings.rate_limit_global],
-        application_limits_exempt_when=not_post,
+        application_limits=[
+            ApplicationLimit(
+                settings.rate_limit_global, key_function=everyone, exempt_when=not_post
+            )
+        ],
         storage_uri=settings.rate_limit_storage,
         headers_enabled=False,
         swallow_errors=True,
@@ -602,6 +605,11 @@ def create_app(
     app.register_error_handler(Exception, handle_unexpected)
     app.after_request(security_headers)
     return app
+
+
+def everyone() -> str:
+    """The key of the global ceiling: one bucket for all clients."""
+    return "all-clients"
 
 
 def not_post() -> bool:

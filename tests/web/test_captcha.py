@@ -1,0 +1,129 @@
+"""The hCaptcha client against the siteverify stand-in: only `success is True` from our own
+host name and sitekey passes; anything else fails closed."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from relay.captcha import HCaptchaVerifier, check_verdict
+from relay.errors import CaptchaError
+from tests.peers.captcha import TEST_SECRET, SiteverifyStub
+from tests.web.conftest import token
+
+SITEKEY = "30000000-ffff-ffff-ffff-000000000003"
+HOSTS = {"localhost"}
+
+
+@pytest.fixture
+def verifier(siteverify: SiteverifyStub) -> HCaptchaVerifier:
+    return HCaptchaVerifier(
+        secret=TEST_SECRET, sitekey=SITEKEY, verify_url=siteverify.url, timeout=0.5
+    )
+
+
+def test_pass_token_passes_and_posts_every_field(
+    verifier: HCaptchaVerifier, siteverify: SiteverifyStub
+) -> None:
+    verifier.verify(token("pass"), remoteip="203.0.113.7", hostnames=HOSTS)
+    sent = siteverify.requests[-1]
+    assert sent["secret"] == TEST_SECRET
+    assert sent["sitekey"] == SITEKEY
+    assert sent["remoteip"] == "203.0.113.7"
+    assert sent["response"].startswith("pass-")
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "retryable"),
+    [
+        ("fail", "invalid-input-response", False),
+        ("host", "hostname-mismatch", False),
+        ("sitekey", "sitekey-mismatch", False),
+        ("truthy", "not-success", False),
+        ("slow", "siteverify-timeout", True),
+        ("error", "siteverify-http-error", True),
+        ("garbage", "siteverify-bad-response", True),
+    ],
+)
+def test_failures_are_rejected(
+    verifier: HCaptchaVerifier, kind: str, code: str, retryable: bool
+) -> None:
+    with pytest.raises(CaptchaError) as info:
+        verifier.verify(token(kind), remoteip=None, hostnames=HOSTS)
+    assert info.value.codes == [code]
+    assert info.value.retryable is retryable
+
+
+def test_reused_token_is_rejected(verifier: HCaptchaVerifier) -> None:
+    once = token("pass")
+    verifier.verify(once, remoteip=None, hostnames=HOSTS)
+    with pytest.raises(CaptchaError) as info:
+        verifier.verify(once, remoteip=None, hostnames=HOSTS)
+    assert info.value.codes == ["already-seen-response"]
+
+
+def test_empty_token_is_not_sent(verifier: HCaptchaVerifier, siteverify: SiteverifyStub) -> None:
+    with pytest.raises(CaptchaError) as info:
+        verifier.verify("", remoteip=None, hostnames=HOSTS)
+    assert info.value.codes == ["missing-input-response"]
+    assert siteverify.requests == []
+
+
+def test_wrong_secret_is_rejected(siteverify: SiteverifyStub) -> None:
+    wrong = HCaptchaVerifier(
+        secret="0x" + "2" * 40, sitekey=SITEKEY, verify_url=siteverify.url, timeout=0.5
+    )
+    with pytest.raises(CaptchaError) as info:
+        wrong.verify(token("pass"), remoteip=None, hostnames=HOSTS)
+    assert info.value.codes == ["invalid-input-secret"]
+
+
+def test_unreachable_siteverify_fails_closed() -> None:
+    dead = HCaptchaVerifier(
+        secret=TEST_SECRET, sitekey=SITEKEY, verify_url="http://127.0.0.1:1/siteverify", timeout=0.5
+    )
+    with pytest.raises(CaptchaError) as info:
+        dead.verify(token("pass"), remoteip=None, hostnames=HOSTS)
+    assert info.value.retryable is True
+
+
+def test_hostname_must_be_allowed(verifier: HCaptchaVerifier) -> None:
+    with pytest.raises(CaptchaError) as info:
+        verifier.verify(token("pass"), remoteip=None, hostnames={"forms.shop.test"})
+    assert info.value.codes == ["hostname-mismatch"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"success": 1, "hostname": "localhost"},
+        {"success": "true", "hostname": "localhost"},
+        {"success": [True], "hostname": "localhost"},
+        {"success": True},
+        {"success": True, "hostname": None},
+        {"success": True, "hostname": "localhost", "sitekey": "other"},
+        [],
+        "success",
+        None,
+    ],
+)
+def test_verdicts_that_are_not_a_clear_yes(body: object) -> None:
+    with pytest.raises(CaptchaError):
+        check_verdict(body, sitekey=SITEKEY, hostnames=HOSTS)
+
+
+def test_a_clear_yes_without_sitekey_field_passes() -> None:
+    check_verdict({"success": True, "hostname": "LOCALHOST"}, sitekey=SITEKEY, hostnames=HOSTS)
+
+
+def test_the_secret_is_never_logged_or_shown(
+    verifier: HCaptchaVerifier, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    for kind in ("slow", "error", "garbage", "fail"):
+        with pytest.raises(CaptchaError) as info:
+            verifier.verify(token(kind), remoteip=None, hostnames=HOSTS)
+        assert TEST_SECRET not in str(info.value)
+    assert TEST_SECRET not in caplog.text
+    assert TEST_SECRET not in repr(verifier)
