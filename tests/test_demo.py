@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from relay.errors import CaptchaError, ConfigError
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.mailbox import check_dkim, check_spf
 from relay.signing import Signer, dkim_txt_record
+from tests.conftest import unavailable
 
 RELAY = Path(sys.executable).with_name("relay")
 
@@ -158,3 +160,53 @@ def test_mailbox_checks_catch_a_forged_sender(
         assert check_dkim(raw, resolver) == ()
     finally:
         server.stop()
+
+
+@pytest.mark.browser
+def test_demo_form_works_offline_in_a_browser(tmp_path: Path) -> None:
+    """With hCaptcha unreachable (as here), the demo CAPTCHA box still lets a visitor send."""
+    import re
+    import shutil
+
+    from relay.demo import sandbox
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        unavailable("Debian's chromium is not installed")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        unavailable("playwright is not installed")
+    with sandbox(tmp_path / "demo") as box, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page()
+            page.route(re.compile(r"https://([\w-]+\.)*hcaptcha\.com/.*"), lambda r: r.abort())
+            page.goto(box.form_url)
+            page.fill("#name", "Grace Hopper")
+            page.fill("#email", "grace@customer.demo.test")
+            page.fill("#subject", "Browser demo")
+            page.fill("#message", "Sent from the demo form in a browser.")
+            page.check("#demo-captcha")
+            page.click("button[type=submit]")
+            page.wait_for_url("**/thanks**")
+        finally:
+            browser.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not box.mailbox.delivered:
+            time.sleep(0.1)
+    assert box.mailbox.greylisted == 1
+    [item] = box.mailbox.delivered
+    assert item.subject == "Browser demo"
+    assert item.dkim_pass
+    assert item.spf == "pass"
+
+
+def test_form_outside_the_demo_has_no_demo_captcha(make_settings: Callable[..., Settings]) -> None:
+    from relay import create_app
+
+    app = create_app(make_settings())
+    page = app.test_client().get("/form").get_data(as_text=True)
+    assert "h-captcha" in page
+    assert "demo-captcha" not in page
+    assert DEMO_CAPTCHA_TOKEN not in page
