@@ -486,7 +486,8 @@ class _Attempt:
 
 
 def _deciding(errors: list[DeliveryError]) -> DeliveryError:
-    """The error that decides a failed attempt: any temporary failure keeps the message
+    """The error that decides an attempt that got no final 5xx (every host failed, or 5xx
+    greetings only): any temporary failure keeps the message
     queued (a host that was merely down must not turn into a bounce), and among those an
     SMTP reply says more than a lost connection."""
     temporary = [e for e in errors if e.temporary]
@@ -577,7 +578,7 @@ async def deliver(
         errors.append(result.error)
         if _final(result.error):
             break
-    error = _deciding(errors)
+    error = errors[-1] if _final(errors[-1]) else _deciding(errors)
     return AttemptResult(
         "temporary" if error.temporary else "permanent",
         tuple(attempt.hosts),

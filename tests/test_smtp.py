@@ -266,6 +266,18 @@ async def test_temporary_failure_anywhere_keeps_the_attempt_temporary(
     assert (result.error.code, result.error.mx_host) == (451, "mx2.support.test")
 
 
+async def test_5xx_on_mx2_after_4xx_on_mx1_is_permanent(
+    settings: Settings, mx_server: SMTPPeer, mx2_server: SMTPPeer
+) -> None:
+    mx_server.handler.greeting.append("421 4.3.2 Busy")
+    mx2_server.handler.rcpt.append("550 5.1.1 No such user")
+    result = await send(settings)
+    assert result.outcome == "permanent"
+    assert isinstance(result.error, SMTPReplyError)
+    assert (result.error.code, result.error.mx_host) == (550, "mx2.support.test")
+    assert [h.code for h in result.hosts] == [421, 550]
+
+
 # --- connection faults ---------------------------------------------------------------------
 
 

@@ -1,0 +1,150 @@
+"""`relay send`: the whole pipeline from the command line, against the test world's DNS and MX.
+
+The message the MX receives must carry a DKIM signature that verifies (dkimpy) against the
+key published in the test DNS.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import dns.resolver
+import pytest
+from click.testing import CliRunner, Result
+
+from relay.cli import main
+from relay.config import load_settings
+from relay.outbox import Outbox
+from tests.conftest import MX2_IP
+from tests.peers.dns import DNSZoneServer
+from tests.peers.smtp import ScriptedHandler, SMTPPeer
+
+ARGS = [
+    "send",
+    "--name",
+    "Ada Lovelace",
+    "--email",
+    "ada@visitor.test",
+    "--subject",
+    "Order 42",
+    "--message",
+    "Hello,\n.a line with a leading dot\nthanks",
+]
+
+
+@pytest.fixture(autouse=True)
+def _restore_relay_logger() -> Iterator[None]:
+    """The CLI configures the `relay` logger (handler on its stderr, no propagation); undo
+    that so later tests' caplog still sees relay's log lines."""
+    logger = logging.getLogger("relay")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture
+def env(
+    base_env: dict[str, str],
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, str]:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    return {
+        **base_env,
+        "RELAY_DNS_NAMESERVERS": world_dns.address,
+        "RELAY_SMTP_PORT": str(mx_server.port),
+        "RELAY_DATABASE_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+    }
+
+
+def run(env: dict[str, str], *extra: str) -> Result:
+    return CliRunner().invoke(main, [*ARGS, *extra], env=env, catch_exceptions=False)
+
+
+def dns_txt(world_dns: DNSZoneServer):  # type: ignore[no-untyped-def]
+    """A dkimpy dnsfunc that asks the test DNS server."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = [world_dns.host]
+    resolver.port = world_dns.port
+    resolver.lifetime = 2
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes:
+        answer = resolver.resolve(name.decode().rstrip("."), "TXT")
+        return b"".join(b"".join(rdata.strings) for rdata in answer)
+
+    return lookup
+
+
+def test_send_now_delivers_a_message_whose_dkim_signature_verifies(
+    env: dict[str, str], mx_server: SMTPPeer, world_dns: DNSZoneServer
+) -> None:
+    result = run(env, "--now")
+    assert result.exit_code == 0, result.output
+    assert "mx1.support.test [127.0.0.2]" in result.output
+    assert "dot: 250 2.0.0 Queued" in result.output
+    assert "delivered: 250 2.0.0 Queued (mx1.support.test)" in result.output
+    [received] = mx_server.messages
+    assert received.rcpt_tos == ["help@support.test"]
+    assert received.mail_from == "form@relay.test"
+    assert received.helo == "mail.relay.test"
+    assert received.data.startswith(b"DKIM-Signature:")
+    assert dkim.verify(received.data, dnsfunc=dns_txt(world_dns))
+    parsed = received.message
+    assert parsed["Reply-To"] == "ada@visitor.test"
+    assert parsed["Subject"] == "Order 42"
+    assert "..a line" not in received.data.decode()  # dot-stuffing undone by the server
+    assert world_dns.queried("s1._domainkey.relay.test", "TXT") >= 1
+
+
+def test_send_now_prints_every_host_and_fails_on_a_permanent_reply(
+    env: dict[str, str], mx_server: SMTPPeer, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add("support.test. 300 IN MX 20 mx2.support.test.")
+    handler2 = ScriptedHandler()
+    handler2.rcpt.append("550 5.1.1 No such user")
+    mx_server.handler.greeting.append("421 4.3.2 Busy")
+    with SMTPPeer(handler2, host=MX2_IP, port=mx_server.port, hostname="mx2.support.test"):
+        result = run(env, "--now")
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert any("mx1.support.test" in line and "greeting: 421 4.3.2 Busy" in line for line in lines)
+    assert any(
+        "mx2.support.test" in line and "rcpt: 550 5.1.1 No such user" in line for line in lines
+    )
+    assert "permanent: 550 5.1.1 No such user (mx2.support.test)" in result.output
+    assert mx_server.messages == handler2.messages == []
+
+
+def test_send_now_temporary_failure_exits_1(env: dict[str, str], mx_server: SMTPPeer) -> None:
+    mx_server.handler.rcpt.append("451 4.7.1 Greylisted")
+    result = run(env, "--now")
+    assert result.exit_code == 1
+    assert "temporary: 451 4.7.1 Greylisted (mx1.support.test)" in result.output
+
+
+def test_send_without_now_queues_in_the_outbox(env: dict[str, str], mx_server: SMTPPeer) -> None:
+    result = run(env)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("queued ")
+    outbox_id = result.output.split()[1]
+    store = Outbox.from_settings(load_settings(env, env_file=None))
+    try:
+        row = store.get(outbox_id)
+    finally:
+        store.dispose()
+    assert row.status == "queued"
+    assert row.recipient == "help@support.test"
+    assert mx_server.handler.connections == 0, "queueing must not deliver"
+
+
+def test_send_refuses_an_unusable_visitor_address(env: dict[str, str]) -> None:
+    args = list(ARGS)
+    args[args.index("ada@visitor.test")] = "ada@visitor.test\r\nBcc: x@evil.test"
+    result = CliRunner().invoke(main, [*args, "--now"], env=env)
+    assert result.exit_code == 1
+    assert "relay send:" in result.output
