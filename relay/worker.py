@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import importlib.util
 import logging
 import os
 import secrets
@@ -24,11 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from relay import smtp
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
+from relay.mx import make_resolver
 from relay.outbox import AttemptLike, Claimed, Decision, HostTryLike, Outbox, RetryPolicy
 from relay.outbox import reply_fields as _reply_fields
+from relay.signing import Signer
 
 log = logging.getLogger("relay.worker")
 
@@ -95,22 +99,16 @@ class Worker:
 
     def _deliver_fn(self) -> DeliverFn:
         if self._deliver is None:
-            smtp = importlib.import_module("relay.smtp")
             self._deliver = cast(DeliverFn, smtp.deliver)
         return self._deliver
 
     def _sign_fn(self) -> Callable[[bytes], bytes]:
         if self._sign is None:
-            signing = importlib.import_module("relay.signing")
-            self._sign = cast(
-                Callable[[bytes], bytes], signing.Signer.from_settings(self.settings).sign
-            )
+            self._sign = Signer.from_settings(self.settings).sign
         return self._sign
 
     def _resolver_obj(self) -> Any:
         if self._resolver is None:
-            from relay.mx import make_resolver  # noqa: PLC0415
-
             self._resolver = make_resolver(self.settings)
         return self._resolver
 
@@ -308,15 +306,20 @@ class Worker:
 def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None = None) -> None:
     """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish."""
     store = outbox or Outbox.from_settings(settings)
-    worker = Worker(store, settings)
+    resolver = make_resolver(settings)
+    worker = Worker(store, settings, resolver=resolver)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
+        checks = asyncio.create_task(startup_checks(settings, resolver))
         try:
             await worker.run(once=once)
         finally:
+            checks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checks
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
 
@@ -324,3 +327,21 @@ def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None 
         asyncio.run(main())
     finally:
         store.dispose()
+
+
+async def startup_checks(settings: Settings, resolver: Any) -> None:
+    """Optional hook: when relay.doctor is installed, log its non-passing checks at start, in
+    the background (delivery does not wait for DNS checks, and a failing check never stops
+    the worker)."""
+    if importlib.util.find_spec("relay.doctor") is None:
+        return
+    doctor = importlib.import_module("relay.doctor")
+    try:
+        checks = await asyncio.wait_for(
+            doctor.run_checks(settings, resolver=resolver, database=False), timeout=60
+        )
+        doctor.log_checks(log, checks)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the doctor must never stop delivery
+        event(log, "worker.startup_checks_failed", logging.WARNING, error=repr(exc))

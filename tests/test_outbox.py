@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import sqlalchemy as sa
 from relay.config import Settings
 from relay.errors import (
     ConnectionFailure,
+    DeliveryError,
     DNSPermanentError,
     MessageNotFound,
     SMTPReplyError,
@@ -34,6 +34,7 @@ from relay.outbox import (
     parse_duration,
     reply_fields,
 )
+from relay.smtp import AttemptResult, HostTry, Outcome
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -52,54 +53,54 @@ class FakeClock:
         return self.now
 
 
-@dataclass(frozen=True)
-class Host:
-    """A host tried, shaped like relay.smtp.HostTry (for the store-level tests only)."""
-
-    mx_host: str = "mx1.support.test"
-    ip: str | None = "127.0.0.2"
-    port: int = 25
-    tls: str | None = "TLSv1.3"
-    code: int | None = 250
-    enhanced_status: str | None = "2.0.0"
-    text: str = "Queued"
-    stage: str = "data"
-    duration: float = 0.05
-    started_at: datetime = T0
-
-
-@dataclass(frozen=True)
-class Result:
-    """An attempt, shaped like relay.smtp.AttemptResult."""
-
-    outcome: str
-    hosts: tuple[Host, ...] = ()
-    error: Exception | None = None
-    possible_duplicate: bool = False
+def host_try(
+    *,
+    mx_host: str = "mx1.support.test",
+    ip: str | None = "127.0.0.2",
+    port: int = 25,
+    tls: str | None = "TLSv1.3",
+    code: int | None = 250,
+    enhanced_status: str | None = "2.0.0",
+    text: str = "Queued",
+    stage: str = "data",
+    duration: float = 0.05,
+    started_at: datetime = T0,
+) -> HostTry:
+    return HostTry(mx_host, ip, port, tls, code, enhanced_status, text, stage, duration, started_at)
 
 
-def delivered() -> Result:
-    return Result("delivered", (Host(),))
+def attempt_result(
+    outcome: Outcome,
+    hosts: tuple[HostTry, ...] = (),
+    error: DeliveryError | None = None,
+    *,
+    possible_duplicate: bool = False,
+) -> AttemptResult:
+    return AttemptResult(outcome, hosts, error, possible_duplicate)
 
 
-def greylisted() -> Result:
+def delivered() -> AttemptResult:
+    return attempt_result("delivered", (host_try(),))
+
+
+def greylisted() -> AttemptResult:
     err = SMTPReplyError(
         451, "Greylisted", enhanced_status="4.7.1", mx_host="mx1.support.test", stage="rcpt"
     )
-    return Result(
+    return attempt_result(
         "temporary",
-        (Host(code=451, enhanced_status="4.7.1", text="Greylisted", stage="rcpt"),),
+        (host_try(code=451, enhanced_status="4.7.1", text="Greylisted", stage="rcpt"),),
         err,
     )
 
 
-def refused() -> Result:
+def refused() -> AttemptResult:
     err = SMTPReplyError(
         550, "No such user", enhanced_status="5.1.1", mx_host="mx1.support.test", stage="rcpt"
     )
-    return Result(
+    return attempt_result(
         "permanent",
-        (Host(code=550, enhanced_status="5.1.1", text="No such user", stage="rcpt"),),
+        (host_try(code=550, enhanced_status="5.1.1", text="No such user", stage="rcpt"),),
         err,
     )
 
@@ -123,7 +124,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store(database_url: str, clock: FakeClock) -> Outbox:
+def store(database_url: str, clock: FakeClock) -> Iterator[Outbox]:
     outbox = Outbox(database_url, clock=clock)
     yield outbox
     outbox.dispose()
@@ -406,9 +407,9 @@ def test_permanent_failure_keeps_the_reply(store: Outbox, plain_settings: Settin
 def test_possible_duplicate_is_flagged(store: Outbox, plain_settings: Settings) -> None:
     outbox_id = store.enqueue(built(plain_settings))
     (claimed,) = store.claim("w1", 1, 60)
-    dropped = Result(
+    dropped = attempt_result(
         "temporary",
-        (Host(code=None, enhanced_status=None, text="connection lost", stage="data-end"),),
+        (host_try(code=None, enhanced_status=None, text="connection lost", stage="data-end"),),
         ConnectionFailure("connection lost after the final dot", mx_host="mx1.support.test"),
         possible_duplicate=True,
     )
@@ -477,7 +478,7 @@ def test_decide_gives_up_by_age_not_attempts() -> None:
 
 
 def test_reply_fields_read_the_deciding_error() -> None:
-    dns = Result("permanent", (), DNSPermanentError("support.test", "null MX"))
+    dns = attempt_result("permanent", (), DNSPermanentError("support.test", "null MX"))
     assert reply_fields(dns).text == "support.test: null MX"
     assert reply_fields(greylisted()).code == 451
     assert reply_fields(delivered()).code == 250

@@ -1,0 +1,504 @@
+"""The delivery worker: the state machine through the deliver seam, then end to end against
+the real MX peer (aiosmtpd), real DKIM signing, the real resolver, and real `relay worker`
+processes killed mid-DATA.
+
+Every test runs over SQLite and a fresh PostgreSQL database (`database_url`), except the
+many-workers test, which is about PostgreSQL's SKIP LOCKED claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from relay.config import Settings
+from relay.errors import SigningError
+from relay.outbox import Outbox
+from relay.signing import Signer
+from relay.worker import Worker
+from tests.conftest import SUPPORT_DOMAIN
+from tests.peers.dns import DNSZoneServer
+from tests.peers.smtp import ScriptedHandler, SMTPPeer
+from tests.test_outbox import FakeClock, built, delivered, greylisted, refused
+
+RELAY = str(Path(sys.executable).with_name("relay"))
+
+
+class GatedHandler(ScriptedHandler):
+    """Holds one DATA reply until released, so a test knows an attempt is inside DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_data = False
+        self.in_data = threading.Event()
+        self.release = threading.Event()
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.hold_data:
+            self.hold_data = False
+            self.in_data.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 4.3.0 Held (the client is gone by now)"
+        return await super().handle_DATA(server, session, envelope)
+
+
+@pytest.fixture
+def mx_handler() -> GatedHandler:
+    return GatedHandler()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def quick_settings(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, mx_server: SMTPPeer
+) -> Settings:
+    """The test world with a schedule of minutes: first retry after 60-72 s, at most 600 s,
+    give up after an hour."""
+    return make_settings(
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+        RELAY_RETRY_INITIAL="60",
+        RELAY_RETRY_MAX="600",
+        RELAY_RETRY_GIVE_UP="3600",
+        RELAY_WORKER_CONCURRENCY="3",
+    )
+
+
+@pytest.fixture
+def store(database_url: str, clock: FakeClock) -> Iterator[Outbox]:
+    outbox = Outbox(database_url, clock=clock)
+    yield outbox
+    outbox.dispose()
+
+
+class ScriptedDeliver:
+    """The deliver seam: same signature as relay.smtp.deliver, answers from a script."""
+
+    def __init__(self, *results: Any) -> None:
+        self.results = list(results)
+        self.calls: list[dict[str, Any]] = []
+
+    async def __call__(
+        self,
+        signed: bytes,
+        *,
+        recipient: str,
+        envelope_from: str,
+        settings: Settings,
+        resolver: Any,
+    ) -> Any:
+        self.calls.append({"signed": signed, "recipient": recipient, "from": envelope_from})
+        return self.results.pop(0) if len(self.results) > 1 else self.results[0]
+
+
+def worker_for(store: Outbox, settings: Settings, deliver: Any = None, **kw: Any) -> Worker:
+    return Worker(store, settings, deliver=deliver, poll_interval=0.05, **kw)
+
+
+# --- the state machine, through the deliver seam -------------------------------------------
+
+
+async def test_schedule_is_persisted_across_restarts(
+    store: Outbox, database_url: str, clock: FakeClock, quick_settings: Settings
+) -> None:
+    message = built(quick_settings)
+    outbox_id = store.enqueue(message)
+    deliver = ScriptedDeliver(greylisted(), delivered())
+
+    await worker_for(store, quick_settings, deliver).run(once=True)
+    row = store.get(outbox_id)
+    assert row.status == "deferred"
+    assert row.next_attempt_at is not None
+    delay = (row.next_attempt_at - clock()).total_seconds()
+    assert 60 <= delay <= 72
+    store.dispose()
+
+    # A new process: a new store and a new worker read the persisted schedule.
+    restarted = Outbox(database_url, clock=clock)
+    try:
+        clock.advance(delay - 1)
+        await worker_for(restarted, quick_settings, deliver).run(once=True)
+        assert len(deliver.calls) == 1  # not due yet
+        clock.advance(1)
+        await worker_for(restarted, quick_settings, deliver).run(once=True)
+        assert len(deliver.calls) == 2
+        detail = restarted.show(outbox_id)
+    finally:
+        restarted.dispose()
+    assert detail.message.status == "delivered"
+    assert [(a.number, a.outcome) for a in detail.attempts] == [(1, "temporary"), (2, "delivered")]
+    for call in deliver.calls:  # signed at each attempt, the Message-ID never changes
+        assert call["signed"].startswith(b"DKIM-Signature:")
+        assert message.message_id.encode() in call["signed"]
+        assert call["signed"].endswith(message.raw)
+        assert call["recipient"] == f"help@{SUPPORT_DOMAIN}"
+
+
+async def test_gives_up_after_the_configured_age(
+    store: Outbox, clock: FakeClock, quick_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+    deliver = ScriptedDeliver(greylisted())
+    worker = worker_for(store, quick_settings, deliver)
+    delays = []
+    for _ in range(100):
+        await worker.run(once=True)
+        row = store.get(outbox_id)
+        if row.status != "deferred":
+            break
+        assert row.next_attempt_at is not None
+        delays.append((row.next_attempt_at - clock()).total_seconds())
+        clock.now = row.next_attempt_at
+    assert row.status == "failed"
+    assert clock() - row.created_at >= timedelta(seconds=3600)
+    assert all(0 < d <= 600 for d in delays)
+    assert all(d >= 60 for d in delays[:-1])  # the last one is cut to the deadline
+    assert row.attempts == len(deliver.calls) == len(delays) + 1
+    assert row.failure_reason is not None
+    assert "gave up" in row.failure_reason
+    assert "451 4.7.1 Greylisted" in row.failure_reason
+
+
+async def test_permanent_failure_is_not_retried(
+    store: Outbox, clock: FakeClock, quick_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+    deliver = ScriptedDeliver(refused())
+    await worker_for(store, quick_settings, deliver).run(once=True)
+    clock.advance(86400)
+    await worker_for(store, quick_settings, deliver).run(once=True)
+    assert len(deliver.calls) == 1
+    row = store.get(outbox_id)
+    assert row.status == "failed"
+    assert row.last_text == "No such user"
+
+
+async def test_signing_failure_defers_instead_of_losing(
+    store: Outbox, quick_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+    deliver = ScriptedDeliver(delivered())
+
+    def broken_sign(raw: bytes) -> bytes:
+        raise SigningError("key unusable")
+
+    await worker_for(store, quick_settings, deliver, sign=broken_sign).run(once=True)
+    row = store.get(outbox_id)
+    assert deliver.calls == []
+    assert row.status == "deferred"
+    assert row.last_text == "key unusable"
+
+
+async def test_a_crashing_deliver_defers(store: Outbox, quick_settings: Settings) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+
+    async def crashing(signed: bytes, **_: Any) -> Any:
+        raise RuntimeError("bug")
+
+    await worker_for(store, quick_settings, crashing).run(once=True)
+    row = store.get(outbox_id)
+    assert row.status == "deferred"
+    assert row.attempts == 1
+
+
+async def test_concurrency_is_bounded(store: Outbox, quick_settings: Settings) -> None:
+    ids = [store.enqueue(built(quick_settings, n)) for n in range(10)]
+    running = 0
+    peak = 0
+
+    async def slow(signed: bytes, **_: Any) -> Any:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.02)
+        running -= 1
+        return delivered()
+
+    await worker_for(store, quick_settings, slow).run(once=True)
+    assert peak == quick_settings.worker_concurrency == 3
+    assert {store.get(i).status for i in ids} == {"delivered"}
+
+
+async def test_stop_lets_the_attempt_in_flight_finish(
+    store: Outbox, quick_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+    started = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def waits(signed: bytes, **_: Any) -> Any:
+        started.set()
+        await finish.wait()
+        return delivered()
+
+    worker = worker_for(store, quick_settings, waits)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    worker.stop()
+    later = store.enqueue(built(quick_settings, 2))
+    finish.set()
+    await asyncio.wait_for(task, 10)
+    assert store.get(outbox_id).status == "delivered"
+    assert store.get(later).status == "queued"  # not claimed after stop
+
+
+async def test_stop_past_the_grace_period_hands_the_message_back(
+    store: Outbox, quick_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(quick_settings))
+    started = asyncio.Event()
+
+    async def hangs(signed: bytes, **_: Any) -> Any:
+        started.set()
+        await asyncio.sleep(3600)
+        return delivered()
+
+    worker = worker_for(store, quick_settings, hangs, shutdown_grace=0.1)
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 10)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    detail = store.show(outbox_id)
+    assert detail.message.status == "deferred"
+    assert detail.message.lease_owner is None
+    assert detail.message.possible_duplicate
+    assert [a.outcome for a in detail.attempts] == ["interrupted"]
+    assert store.claim("other", 1, 60)[0].attempt == 2
+
+
+async def test_heartbeat_renews_the_lease_of_a_long_attempt(
+    database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    settings = make_settings(RELAY_WORKER_LEASE="10")
+    store = Outbox(database_url)  # real clock: the heartbeat runs every lease/3 seconds
+    try:
+        outbox_id = store.enqueue(built(settings))
+        started = asyncio.Event()
+        finish = asyncio.Event()
+
+        async def slow(signed: bytes, **_: Any) -> Any:
+            started.set()
+            await finish.wait()
+            return delivered()
+
+        worker = worker_for(store, settings, slow)
+        task = asyncio.create_task(worker.run(once=True))
+        await asyncio.wait_for(started.wait(), 10)
+        first = store.get(outbox_id).lease_expires_at
+        assert first is not None
+        deadline = time.monotonic() + 10
+        while store.get(outbox_id).lease_expires_at == first:
+            assert time.monotonic() < deadline, "the lease was never renewed"
+            await asyncio.sleep(0.2)
+        renewed = store.get(outbox_id)
+        assert renewed.lease_expires_at is not None
+        assert renewed.lease_expires_at > first
+        assert renewed.lease_owner == worker.id
+        finish.set()
+        await asyncio.wait_for(task, 10)
+        assert store.get(outbox_id).status == "delivered"
+    finally:
+        store.dispose()
+
+
+# --- end to end: real signing, DNS and SMTP ------------------------------------------------
+
+
+async def test_greylisted_then_delivered_on_the_first_retry(
+    store: Outbox, clock: FakeClock, quick_settings: Settings, mx_server: SMTPPeer
+) -> None:
+    mx_server.handler.greylist_seconds = 0.5
+    message = built(quick_settings)
+    outbox_id = store.enqueue(message)
+
+    await worker_for(store, quick_settings).run(once=True)
+    row = store.get(outbox_id)
+    assert row.status == "deferred"
+    assert row.last_code == 451
+    assert mx_server.messages == []
+
+    time.sleep(0.6)  # the greylist's own (real) delay
+    assert row.next_attempt_at is not None
+    clock.now = row.next_attempt_at
+    await worker_for(store, quick_settings).run(once=True)
+
+    detail = store.show(outbox_id)
+    assert detail.message.status == "delivered"
+    assert [(a.outcome, a.code, a.enhanced_status) for a in detail.attempts] == [
+        ("temporary", 451, "4.7.1"),
+        ("delivered", 250, "2.0.0"),
+    ]
+    assert detail.attempts[0].hosts[0].mx_host == f"mx1.{SUPPORT_DOMAIN}"
+    assert detail.attempts[0].hosts[0].ip == "127.0.0.2"
+    assert detail.attempts[0].hosts[0].stage == "rcpt"
+    (received,) = mx_server.messages
+    assert received.message["Message-ID"] == message.message_id
+    assert received.data.startswith(b"DKIM-Signature:")
+    assert received.rcpt_tos == [f"help@{SUPPORT_DOMAIN}"]
+
+
+async def test_550_fails_with_the_reply_text(
+    store: Outbox, quick_settings: Settings, mx_server: SMTPPeer
+) -> None:
+    mx_server.handler.rcpt.append("550 5.1.1 No such mailbox here")
+    outbox_id = store.enqueue(built(quick_settings))
+    await worker_for(store, quick_settings).run(once=True)
+    row = store.get(outbox_id)
+    assert row.status == "failed"
+    assert row.last_code == 550
+    assert row.last_enhanced_status == "5.1.1"
+    assert row.last_text == "No such mailbox here"
+    assert row.failure_reason is not None
+    assert "No such mailbox here" in row.failure_reason
+    assert mx_server.messages == []
+
+
+async def test_dropped_mid_data_is_retried(
+    store: Outbox, clock: FakeClock, quick_settings: Settings, mx_server: SMTPPeer
+) -> None:
+    mx_server.handler.mid_data.append("DROP")
+    outbox_id = store.enqueue(built(quick_settings))
+    await worker_for(store, quick_settings).run(once=True)
+    row = store.get(outbox_id)
+    assert row.status == "deferred"
+    assert row.next_attempt_at is not None
+    clock.now = row.next_attempt_at
+    await worker_for(store, quick_settings).run(once=True)
+    assert store.get(outbox_id).status == "delivered"
+    assert len(mx_server.messages) == 1
+
+
+def _run_worker(worker: Worker) -> None:
+    asyncio.run(worker.run(once=True))
+
+
+def test_two_workers_deliver_500_messages_exactly_once(
+    postgres_url: str,
+    make_settings: Callable[..., Settings],
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+) -> None:
+    settings = make_settings(
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+        RELAY_WORKER_CONCURRENCY="10",
+    )
+    setup = Outbox(postgres_url)
+    ids = {setup.enqueue(built(settings, n)) for n in range(500)}
+    stores = [Outbox(postgres_url), Outbox(postgres_url)]
+    signer = Signer.from_settings(settings)
+    workers = [
+        Worker(s, settings, sign=signer.sign, poll_interval=0.05, worker_id=f"w{n}")
+        for n, s in enumerate(stores)
+    ]
+    threads = [threading.Thread(target=_run_worker, args=(w,)) for w in workers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        rows = setup.list_messages(limit=1000)
+    finally:
+        for s in [setup, *stores]:
+            s.dispose()
+    assert {r.id for r in rows} == ids
+    assert {r.status for r in rows} == {"delivered"}
+    assert {r.attempts for r in rows} == {1}
+    message_ids = [m.message["Message-ID"] for m in mx_server.messages]
+    assert len(message_ids) == 500
+    assert len(set(message_ids)) == 500
+    assert sum(w.attempts_made for w in workers) == 500
+
+
+# --- a real `relay worker` process, killed mid-DATA ------------------------------------------
+
+
+def worker_env(base_env: dict[str, str], **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(base_env)
+    env.update(extra)
+    return env
+
+
+def start_worker(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [RELAY, "worker"], env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def test_worker_killed_mid_data_is_delivered_after_restart(
+    database_url: str,
+    base_env: dict[str, str],
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    handler = mx_server.handler
+    assert isinstance(handler, GatedHandler)
+    env = worker_env(
+        base_env,
+        RELAY_DATABASE_URL=database_url,
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+        RELAY_WORKER_LEASE="10",
+        RELAY_RETRY_INITIAL="1",
+        RELAY_RETRY_MAX="2",
+    )
+    settings = make_settings(RELAY_DATABASE_URL=database_url)
+    store = Outbox(database_url)
+    log = tmp_path / "worker.log"
+    first: subprocess.Popen[bytes] | None = None
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        message = built(settings)
+        outbox_id = store.enqueue(message)
+        handler.hold_data = True
+        first = start_worker(env, tmp_path, log)
+        assert handler.in_data.wait(30), log.read_text()
+        assert store.get(outbox_id).status == "sending"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        handler.release.set()
+
+        second = start_worker(env, tmp_path, log)
+        received = mx_server.wait_for(1, timeout=40)
+        deadline = time.monotonic() + 10
+        while store.get(outbox_id).status != "delivered":
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0, log.read_text()
+        detail = store.show(outbox_id)
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        store.dispose()
+    assert len(received) == 1
+    assert received[0].message["Message-ID"] == message.message_id
+    assert [a.outcome for a in detail.attempts] == ["interrupted", "delivered"]
+    assert detail.message.possible_duplicate
+    text = log.read_text()
+    assert "delivery.delivered" in text
+    assert f"id={outbox_id}" in text
+    assert "worker.stopped" in text
