@@ -197,3 +197,17 @@ def test_dockerfile_runs_as_non_root() -> None:
     assert not any(re.search(r"apt-get install|build-essential|gcc", line) for line in final)
     assert any("pip install" in line and "--no-cache-dir" in line for line in final)
     assert final[-1].startswith("CMD ")
+
+
+def test_relayctl_runs_relay_as_the_services_do() -> None:
+    """The operator's wrapper must use the worker unit's user, state, environment and key."""
+    script = DEPLOY / "relayctl"
+    syntax = subprocess.run(["sh", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert syntax.returncode == 0, syntax.stderr
+    assert script.stat().st_mode & 0o111
+    text = script.read_text()
+    service = _unit("formrelay-worker.service")["Service"]
+    for key in ("User", "StateDirectory", "EnvironmentFile", "LoadCredential", "DynamicUser"):
+        line = next(line for line in service if line.startswith(key + "="))
+        assert f"--property={line}" in text, f"relayctl differs from the unit on {key}"
+    assert f"{INSTALL_BIN}relay" in text
