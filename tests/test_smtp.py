@@ -7,6 +7,7 @@ RELAY_SMTP_PORT is one setting for all MX hosts.
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
 from collections.abc import Callable, Iterator
@@ -15,6 +16,8 @@ from typing import Any
 
 import pytest
 from aiosmtpd.smtp import AuthResult, LoginPassword
+from hypothesis import given
+from hypothesis import strategies as st
 
 from relay.config import Settings
 from relay.errors import ConnectionFailure, DNSPermanentError, DNSTemporaryError, SMTPReplyError
@@ -126,6 +129,19 @@ def test_dot_stuff() -> None:
     assert dot_stuff(b".start\nbare lf\rbare cr") == b"..start\r\nbare lf\r\nbare cr\r\n.\r\n"
     assert dot_stuff(b"") == b"\r\n.\r\n"
     assert dot_stuff(MESSAGE).replace(b"\r\n..", b"\r\n.") == MESSAGE + b".\r\n"
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(".a \t"), max_size=6), max_size=8))
+def test_dot_stuff_round_trips(lines: list[str]) -> None:
+    message = "".join(line + "\r\n" for line in lines).encode()
+    payload = dot_stuff(message)
+    body, terminator = payload[:-3], payload[-3:]
+    assert terminator == b".\r\n"
+    received = body.split(b"\r\n")[:-1]
+    assert b"." not in received, "no line may end the DATA early"
+    assert b"".join(
+        (line[1:] if line.startswith(b".") else line) + b"\r\n" for line in received
+    ) == (message or b"\r\n")
 
 
 def test_parse_reply() -> None:
@@ -276,6 +292,16 @@ async def test_5xx_on_mx2_after_4xx_on_mx1_is_permanent(
     assert isinstance(result.error, SMTPReplyError)
     assert (result.error.code, result.error.mx_host) == (550, "mx2.support.test")
     assert [h.code for h in result.hosts] == [421, 550]
+
+
+async def test_equal_preference_mx_hosts_share_the_load(
+    settings: Settings, mx_server: SMTPPeer, world_dns: DNSZoneServer
+) -> None:
+    world_dns.add("support.test. 300 IN MX 10 mx2.support.test.")
+    with Peer(ScriptedHandler(), host=MX2_IP, port=mx_server.port, hostname="mx2") as mx2:
+        first = [(await send(settings, rng=random.Random(seed))).hosts[0].ip for seed in range(8)]
+    assert set(first) == {MX_IP, MX2_IP}
+    assert len(mx_server.messages) + len(mx2.messages) == 8
 
 
 # --- connection faults ---------------------------------------------------------------------
