@@ -516,7 +516,11 @@ async def check_ptr(settings: Settings, resolver: Resolver, ip: str | None) -> C
             _Finding(
                 "WARN" if forward_lookup.temporary else "FAIL",
                 f"PTR {ip} -> {name} is not forward-confirmed: {name} resolves to {how}, not {ip}",
-                (f"publish {dnsrecords.address_record(name, ip).zone_line()}" if in_ours else ask),
+                (
+                    f"publish:\n{dnsrecords.address_record(name, ip).zone_line()}"
+                    if in_ours
+                    else ask
+                ),
             )
         )
     generic = generic_ptr_reasons(name, ip)
@@ -566,7 +570,7 @@ async def check_helo(settings: Settings, resolver: Resolver, ip: str | None) -> 
     if not found:
         status: Status = "WARN" if result.temporary else "FAIL"
         fix = (
-            f"publish {dnsrecords.address_record(helo, ip).zone_line()}"
+            f"publish:\n{dnsrecords.address_record(helo, ip).zone_line()}"
             if ip
             else f"publish an A record for {helo}"
         )
@@ -578,7 +582,7 @@ async def check_helo(settings: Settings, resolver: Resolver, ip: str | None) -> 
             _Finding(
                 "FAIL",
                 f"HELO name {helo} resolves to {', '.join(found)}, not the sending IP {ip}",
-                f"replace its address record with "
+                f"replace its address record with:\n"
                 f"{dnsrecords.address_record(helo, ip).zone_line()}",
             )
         )
@@ -623,7 +627,7 @@ async def check_spf(
             "spf",
             "FAIL",
             f"no SPF record at {domain} (the envelope sender's domain)",
-            f"publish {wanted.zone_line()}",
+            f"publish:\n{wanted.zone_line()}",
             details,
         )
     if len(records) > 1:
@@ -668,7 +672,7 @@ async def check_spf(
         "spf",
         "FAIL",
         f"{record!r} at {domain} gives {verdict} for {ip}{why}",
-        f"replace it with {wanted.zone_line()}",
+        f"replace it with:\n{wanted.zone_line()}",
         details,
     )
 
@@ -808,7 +812,7 @@ async def check_dkim(
         key.selector, settings.signing_domain, key.pem, source=key.source
     )
     owner = wanted.name.rstrip(".")
-    publish = f"publish {wanted.zone_line()}"
+    publish = f"publish:\n{wanted.zone_line()}"
     texts, result = await txt_records(resolver, owner)
     details: dict[str, Any] = {"name": owner, "records": texts, "publish": wanted.value}
     if result.temporary:
@@ -820,12 +824,12 @@ async def check_dkim(
             name,
             "FAIL",
             f"{len(texts)} TXT records at {owner}: receivers may use either",
-            f"keep one: {wanted.zone_line()}",
+            f"keep one:\n{wanted.zone_line()}",
             details,
         )
     tags = parse_tags(texts[0])
     ours = parse_tags(wanted.value)
-    replace = f"replace the TXT record at {owner} with {wanted.zone_line()}"
+    replace = f"replace the TXT record at {owner} with:\n{wanted.zone_line()}"
     if tags.get("v", "DKIM1") != "DKIM1" or "p" not in tags:
         return Check(
             name, "FAIL", f"{owner} is not a DKIM key record: {texts[0]!r}", replace, details
@@ -915,7 +919,7 @@ async def check_dmarc(settings: Settings, resolver: Resolver) -> tuple[Check, di
             "dmarc",
             "FAIL",
             f"no DMARC record at _dmarc.{domain}",
-            f"publish {wanted.zone_line()}\n(p=none only collects reports; tighten to "
+            f"publish:\n{wanted.zone_line()}\n(p=none only collects reports; tighten to "
             "p=quarantine, then p=reject, once they show your mail passing)",
             details,
         ), {}
@@ -924,7 +928,7 @@ async def check_dmarc(settings: Settings, resolver: Resolver) -> tuple[Check, di
             "dmarc",
             "FAIL",
             f"{len(records)} DMARC records at {where}: receivers ignore both",
-            f"keep one: {wanted.zone_line()}",
+            f"keep one:\n{wanted.zone_line()}",
             details,
         ), {}
     tags = parse_tags(records[0])
@@ -936,17 +940,15 @@ async def check_dmarc(settings: Settings, resolver: Resolver) -> tuple[Check, di
             "dmarc",
             "FAIL",
             f"{found} has no valid policy (p=)",
-            f"replace it with {wanted.zone_line()}",
+            f"replace it with:\n{wanted.zone_line()}",
             details,
         ), tags
     if policy == "none":
         rua = tags.get("rua")
-        tight = dnsrecords.Record(
-            dnsrecords.fqdn(where),
-            "TXT",
-            re.sub(r"\bp=none\b", "p=quarantine", records[0], flags=re.IGNORECASE),
-            "",
-        )
+        tightened = re.sub(r"\bp\s*=\s*none\b", "p=quarantine", records[0], flags=re.I)
+        if not rua:
+            tightened = f"{tightened.rstrip().rstrip(';')}; rua=mailto:dmarc-reports@{domain}"
+        tight = dnsrecords.Record(dnsrecords.fqdn(where), "TXT", tightened, "")
         return Check(
             "dmarc",
             "WARN",
@@ -956,7 +958,7 @@ async def check_dmarc(settings: Settings, resolver: Resolver) -> tuple[Check, di
                 if rua
                 else f"add rua=mailto:dmarc-reports@{domain} to receive reports; "
             )
-            + f"once they show your mail passing, publish {tight.zone_line()}, "
+            + f"once they show your mail passing, publish:\n{tight.zone_line()}\n"
             "and later p=reject",
             details,
         ), tags
