@@ -211,3 +211,26 @@ def test_relayctl_runs_relay_as_the_services_do() -> None:
         line = next(line for line in service if line.startswith(key + "="))
         assert f"--property={line}" in text, f"relayctl differs from the unit on {key}"
     assert f"{INSTALL_BIN}relay" in text
+
+
+def test_the_package_carries_every_file_the_app_reads() -> None:
+    """`pip install .` (the Dockerfile, the systemd venv) installs only the relay package:
+    templates, static files, translations and migrations must live inside relay/ and be
+    listed in package-data, or an installed (not editable) relay cannot render its form."""
+    import fnmatch
+    import tomllib
+
+    from relay import web
+
+    package = DEPLOY.parent / "relay"
+    for folder in (web.TEMPLATES, web.STATIC, web.TRANSLATIONS):
+        assert folder.resolve().is_relative_to(package), f"{folder} is outside the package"
+    pyproject = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["relay"]
+    for path in package.rglob("*"):
+        if not path.is_file() or "__pycache__" in path.parts or path.suffix == ".py":
+            continue
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), (
+            f"relay/{relative} is not in [tool.setuptools.package-data]"
+        )
