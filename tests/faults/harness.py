@@ -9,7 +9,9 @@ and the MX peer's mailbox.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.policy
+import json
 import os
 import signal
 import socket
@@ -224,7 +226,7 @@ def captcha_token() -> str:
 class Reply:
     status: int
     body: Any  # the JSON document, or the text of an HTML page
-    location: str | None = None
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def id(self) -> str | None:
@@ -268,8 +270,6 @@ class Visitor:
             "Accept": "application/json" if as_json else "text/html",
         }
         if json_body:
-            import json
-
             body = json.dumps({**fields, "h-captcha-response": token}).encode()
             headers["Content-Type"] = "application/json"
         else:
@@ -278,7 +278,6 @@ class Visitor:
         if self.client is not None:
             response = self.client.post("/form", data=body, headers=headers)
             status, text = response.status_code, response.get_data(as_text=True)
-            ctype, location = response.headers.get("Content-Type", ""), response.location
         else:
             import httpx
 
@@ -286,15 +285,10 @@ class Visitor:
                 self._http = httpx.Client(timeout=timeout)
             response = self._http.post(f"{self.base_url}/form", content=body, headers=headers)
             status, text = response.status_code, response.text
-            ctype, location = (
-                response.headers.get("content-type", ""),
-                response.headers.get("location"),
-            )
-        if "json" in ctype:
-            import json
-
-            return Reply(status, json.loads(text), location)
-        return Reply(status, text, location)
+        reply_headers = {k.lower(): v for k, v in response.headers.items()}
+        if "json" in reply_headers.get("content-type", ""):
+            return Reply(status, json.loads(text), reply_headers)
+        return Reply(status, text, reply_headers)
 
     def close(self) -> None:
         if self._http is not None:
