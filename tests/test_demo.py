@@ -61,6 +61,11 @@ def test_smoke_delivers_through_the_greylist_with_dkim_and_spf_passing(tmp_path:
     assert "delivered  2" in out
     assert "451 4.7.1 Greylisted" in out[out.index("relay show") :]
     assert "smoke: OK" in out
+    # relay doctor ran against the demo zone and nothing failed.
+    report = out[out.index("relay doctor (the demo zone") : out.index("web: POST /form")]
+    assert "PASS  spf" in report
+    assert "PASS  ptr" in report
+    assert "FAIL" not in report
     # The worker logged the deferral with its data, then the delivery.
     assert "delivery.deferred" in result.stderr
     assert "code=451" in result.stderr
