@@ -36,7 +36,10 @@ def event(logger: logging.Logger, name: str, level: int = logging.INFO, **fields
 
 
 def configure(level: str = "INFO") -> None:
-    """Plain lines on stderr with a UTC timestamp; called by the CLI, never at import time."""
+    """Plain lines on stderr with a UTC timestamp; called by the CLI, never at import time.
+
+    The logger still propagates: the root logger has no handler unless an embedding program
+    (gunicorn, pytest's caplog) adds one, and then it should see our events too."""
     handler = logging.StreamHandler(sys.stderr)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     formatter.converter = time.gmtime
@@ -44,4 +47,3 @@ def configure(level: str = "INFO") -> None:
     root = logging.getLogger("relay")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    root.propagate = False

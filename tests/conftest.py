@@ -10,6 +10,7 @@ missing PostgreSQL, Redis or Chromium cannot pass CI silently.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,6 +56,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         report.longrepr = (
             f"RELAY_STRICT_TESTS=1: skipped test counts as a failure: {report.longrepr}"
         )
+
+
+@pytest.fixture(autouse=True)
+def _isolate_relay_logger() -> Iterator[None]:
+    """CLI commands call logs.configure(), which installs a stderr handler bound to the
+    stream of that moment (CliRunner's, soon closed): restore the logger after each test."""
+    logger = logging.getLogger("relay")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 # --- keys -----------------------------------------------------------------------------------

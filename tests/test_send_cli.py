@@ -6,8 +6,6 @@ key published in the test DNS.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import dkim
@@ -33,16 +31,6 @@ ARGS = [
     "--message",
     "Hello,\n.a line with a leading dot\nthanks",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _restore_relay_logger() -> Iterator[None]:
-    """The CLI configures the `relay` logger (handler on its stderr, no propagation); undo
-    that so later tests' caplog still sees relay's log lines."""
-    logger = logging.getLogger("relay")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
 @pytest.fixture

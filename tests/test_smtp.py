@@ -57,33 +57,7 @@ async def send(settings: Settings, **kwargs: Any) -> AttemptResult:
     )
 
 
-class ClosingSMTP(FaultySMTP):
-    """Closes its side when the client leaves: a HANG fault otherwise keeps the server's
-    transport half-open until the peer's loop is closed, and the leak surfaces as a
-    ResourceWarning in a later test."""
-
-    def eof_received(self) -> bool | None:
-        super().eof_received()
-        return False
-
-
-class Peer(SMTPPeer):
-    def _factory(self) -> FaultySMTP:
-        return ClosingSMTP(
-            self.handler,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=False,
-            decode_data=False,
-            timeout=60,
-        )
-
-
-@pytest.fixture
-def mx_server(mx_handler: ScriptedHandler) -> Iterator[SMTPPeer]:
-    """MX1, as conftest's, but closing on client EOF (see ClosingSMTP)."""
-    with Peer(mx_handler, host=MX_IP, hostname="mx1.support.test") as peer:
-        yield peer
+Peer = SMTPPeer
 
 
 @pytest.fixture
@@ -512,11 +486,11 @@ def _authenticator(
     return AuthResult(success=ok, handled=False)
 
 
-class SubmissionPeer(Peer):
+class SubmissionPeer(SMTPPeer):
     """A submission server: STARTTLS, then AUTH required before MAIL."""
 
     def _factory(self) -> FaultySMTP:
-        return ClosingSMTP(
+        return FaultySMTP(
             self.handler,
             hostname=self.hostname,
             tls_context=self.tls_context,

@@ -133,6 +133,12 @@ class FaultySMTP(SMTP):
 
     event_handler: ScriptedHandler
 
+    def eof_received(self) -> bool | None:
+        # Close our side when the client leaves: after a HANG fault the transport would
+        # otherwise stay half-open and leak as a ResourceWarning into some later test.
+        super().eof_received()
+        return False
+
     async def _handle_client(self) -> None:
         self.event_handler.connections += 1
         if self.event_handler.greeting:
