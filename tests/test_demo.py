@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,20 +111,20 @@ def test_offline_verifier_is_refused_outside_demo(
 
 
 @pytest.fixture
-def demo_world(tmp_path: Path) -> tuple[Settings, DNSZoneServer, bytes]:
+def demo_world(tmp_path: Path) -> Iterator[tuple[Settings, DNSZoneServer, bytes]]:
+    """The demo's settings and its DNS zone, served, as `relay demo` builds them."""
     pem = make_key(tmp_path / "dkim-rsa.pem")
-    server = DNSZoneServer(demo_zone(dkim_txt_record(pem), "127.0.0.2")).start()
-    settings = demo_settings(
-        tmp_path, dns_address=server.address, smtp_port=2525, base_url="http://127.0.0.1:1"
-    )
-    return settings, server, pem
+    with DNSZoneServer(demo_zone(dkim_txt_record(pem), "127.0.0.2")) as server:
+        settings = demo_settings(
+            tmp_path, dns_address=server.address, smtp_port=2525, base_url="http://127.0.0.1:1"
+        )
+        yield settings, server, pem
 
 
 def test_offline_verifier_accepts_only_its_tokens(
     demo_world: tuple[Settings, DNSZoneServer, bytes],
 ) -> None:
-    settings, server, _pem = demo_world
-    server.stop()
+    settings, _server, _pem = demo_world
     verifier = OfflineDemoVerifier(settings)
     verifier.verify(DEMO_CAPTCHA_TOKEN, remoteip="127.0.0.1", hostnames=["127.0.0.1"])
     for token in ("", "pass-anything", DEMO_CAPTCHA_TOKEN + "x"):
@@ -135,8 +135,7 @@ def test_offline_verifier_accepts_only_its_tokens(
 def test_demo_settings_need_no_environment(
     demo_world: tuple[Settings, DNSZoneServer, bytes],
 ) -> None:
-    settings, server, _pem = demo_world
-    server.stop()
+    settings, _server, _pem = demo_world
     assert settings.env == "demo"
     assert settings.from_domain == FROM_DOMAIN
     assert settings.support_address.endswith("@" + SUPPORT_DOMAIN)
@@ -149,22 +148,19 @@ def test_mailbox_checks_catch_a_forged_sender(
 ) -> None:
     """The verdicts the demo prints are real: a wrong IP fails SPF, a changed body fails DKIM."""
     settings, server, _pem = demo_world
-    try:
-        resolver = sync_resolver(server.address)
-        helo = settings.helo_hostname
-        assert check_spf("127.0.0.1", settings.from_address, helo, resolver)[0] == "pass"
-        assert check_spf("127.0.0.77", settings.from_address, helo, resolver)[0] == "fail"
-        raw = (
-            b"From: Demo Shop <form@shop.demo.test>\r\nTo: help@support.demo.test\r\n"
-            b"Subject: hello\r\nMessage-ID: <1@shop.demo.test>\r\n\r\nBody line.\r\n"
-        )
-        signed = Signer.from_settings(settings).sign(raw)
-        assert [r.result for r in check_dkim(signed, resolver)] == ["pass"]
-        tampered = signed.replace(b"Body line.", b"Body line!")
-        assert [r.result for r in check_dkim(tampered, resolver)] == ["fail"]
-        assert check_dkim(raw, resolver) == ()
-    finally:
-        server.stop()
+    resolver = sync_resolver(server.address)
+    helo = settings.helo_hostname
+    assert check_spf("127.0.0.1", settings.from_address, helo, resolver)[0] == "pass"
+    assert check_spf("127.0.0.77", settings.from_address, helo, resolver)[0] == "fail"
+    raw = (
+        b"From: Demo Shop <form@shop.demo.test>\r\nTo: help@support.demo.test\r\n"
+        b"Subject: hello\r\nMessage-ID: <1@shop.demo.test>\r\n\r\nBody line.\r\n"
+    )
+    signed = Signer.from_settings(settings).sign(raw)
+    assert [r.result for r in check_dkim(signed, resolver)] == ["pass"]
+    tampered = signed.replace(b"Body line.", b"Body line!")
+    assert [r.result for r in check_dkim(tampered, resolver)] == ["fail"]
+    assert check_dkim(raw, resolver) == ()
 
 
 @pytest.mark.browser
@@ -215,3 +211,41 @@ def test_form_outside_the_demo_has_no_demo_captcha(make_settings: Callable[..., 
     assert "h-captcha" in page
     assert "demo-captcha" not in page
     assert DEMO_CAPTCHA_TOKEN not in page
+
+
+def test_mailbox_greylists_once_and_relays_for_nobody(
+    demo_world: tuple[Settings, DNSZoneServer, bytes], tmp_path: Path
+) -> None:
+    import smtplib
+
+    from relay.sandbox.mailbox import SupportMailbox
+
+    settings, server, _pem = demo_world
+    mailbox = SupportMailbox(
+        tmp_path / "Maildir",
+        domain=SUPPORT_DOMAIN,
+        resolver=sync_resolver(server.address),
+        greylist_seconds=0.2,
+    )
+    raw = Signer.from_settings(settings).sign(
+        b"From: form@shop.demo.test\r\nTo: help@support.demo.test\r\nSubject: hi\r\n"
+        b"Message-ID: <2@shop.demo.test>\r\n\r\nHello.\r\n"
+    )
+    with mailbox, smtplib.SMTP(mailbox.host, mailbox.port, timeout=10) as client:
+        client.ehlo(settings.helo_hostname)
+        client.mail(settings.from_address)
+        assert client.rcpt("someone@elsewhere.test")[0] == 550
+        assert client.rcpt(settings.support_address)[0] == 451
+        client.rset()
+        time.sleep(0.3)
+        client.mail(settings.from_address)
+        assert client.rcpt(settings.support_address)[0] == 250
+        code, _text = client.data(raw)
+        assert code == 250
+    [item] = mailbox.delivered
+    assert mailbox.greylisted == 1
+    assert item.dkim_pass
+    assert item.spf == "pass"
+    stored = list((tmp_path / "Maildir" / "new").iterdir())
+    assert len(stored) == 1
+    assert b"dkim=pass header.d=shop.demo.test" in stored[0].read_bytes()
