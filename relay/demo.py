@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import threading
 import time
@@ -40,13 +41,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from relay import logs
+from relay import create_app, logs
 from relay.captcha import MISSING
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
+from relay.doctor import run_checks
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
+from relay.mx import make_resolver
+from relay.outbox import Outbox, detail_text, log_table
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
+from relay.signing import dkim_txt_record
+from relay.worker import Worker
 
 log = logging.getLogger("relay.demo")
 
@@ -210,8 +216,8 @@ class Sandbox:
     mailbox: SupportMailbox
     web: BaseWSGIServer
     base_url: str
-    outbox: Any
-    worker: Any
+    outbox: Outbox
+    worker: Worker
     env_file: Path
 
     @property
@@ -221,8 +227,6 @@ class Sandbox:
 
 def _mx_host() -> str:
     """127.0.0.2 shows the MX as a host of its own; some systems only have 127.0.0.1."""
-    import socket  # noqa: PLC0415
-
     with socket.socket() as probe:
         try:
             probe.bind(("127.0.0.2", 0))
@@ -239,12 +243,6 @@ def sandbox(
     on_delivered: Callable[[Delivered], None] | None = None,
 ) -> Iterator[Sandbox]:
     """Start DNS, mailbox, web and worker; stop them all, in reverse order, on exit."""
-    from relay import create_app  # noqa: PLC0415 - Flask only when the demo runs
-    from relay.mx import make_resolver  # noqa: PLC0415
-    from relay.outbox import Outbox  # noqa: PLC0415
-    from relay.signing import dkim_txt_record  # noqa: PLC0415
-    from relay.worker import Worker  # noqa: PLC0415
-
     if folder.exists():  # a throwaway world: last run's outbox and key go
         for name in ("relay.sqlite3", "relay.sqlite3-wal", "relay.sqlite3-shm", "dkim-rsa.pem"):
             (folder / name).unlink(missing_ok=True)
@@ -273,6 +271,7 @@ def sandbox(
             return [b"starting\n"]
 
         web = make_server("127.0.0.1", 0, not_ready, threaded=True)
+        stack.callback(web.server_close)
         base_url = f"http://127.0.0.1:{web.server_port}"
         settings = demo_settings(
             folder, dns_address=zone.address, smtp_port=mailbox.port, base_url=base_url
@@ -295,13 +294,17 @@ def sandbox(
 
         def stop_web() -> None:
             web.shutdown()
-            web.server_close()
             web_thread.join(5)
 
         stack.callback(stop_web)
 
-        worker = Worker(outbox, settings, resolver=make_resolver(settings), poll_interval=0.2)
-        worker.shutdown_grace = 5.0
+        worker = Worker(
+            outbox,
+            settings,
+            resolver=make_resolver(settings),
+            poll_interval=0.2,
+            shutdown_grace=5.0,
+        )
         runner = WorkerThread(worker)
         runner.start()
         stack.callback(runner.stop)
@@ -314,7 +317,7 @@ def sandbox(
 class WorkerThread(threading.Thread):
     """The worker's asyncio loop in a thread of its own; `stop()` is its SIGTERM."""
 
-    def __init__(self, worker: Any) -> None:
+    def __init__(self, worker: Worker) -> None:
         super().__init__(name="worker", daemon=True)
         self.worker = worker
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -389,8 +392,6 @@ formrelay demo: everything runs on 127.0.0.1 and stops with Ctrl-C.
 
 def doctor_report(settings: Settings) -> str:
     """`relay doctor` against the demo world: what a receiver would find in its DNS."""
-    from relay.doctor import run_checks  # noqa: PLC0415
-    from relay.mx import make_resolver  # noqa: PLC0415
 
     try:
         checks = asyncio.run(run_checks(settings, resolver=make_resolver(settings), ip=SENDING_IP))
@@ -405,8 +406,6 @@ def doctor_report(settings: Settings) -> str:
 
 
 def print_log(box: Sandbox, out: Callable[[str], None]) -> None:
-    from relay.outbox import detail_text, log_table  # noqa: PLC0415
-
     now = box.outbox.clock()
     rows = box.outbox.list_messages(status=None, since=None, limit=20)
     out("relay log:")
