@@ -131,8 +131,11 @@ def origin_allowed() -> bool:
 
 
 def captcha_hostnames() -> set[str]:
-    origins = [*state().allowed_origins, request.host_url, state().public_origin or ""]
-    hosts = {urlsplit(o).hostname for o in origins}
+    """Hosts a solved CAPTCHA may come from: the allowed origins and our public host, which
+    is RELAY_PUBLIC_URL's when set (the Host header is the client's to choose) and the
+    request's host otherwise."""
+    own = state().public_origin or request.host_url
+    hosts = {urlsplit(o).hostname for o in [*state().allowed_origins, own]}
     return {h.lower() for h in hosts if h}
 
 

@@ -638,3 +638,19 @@ def test_unknown_paths_and_methods_are_friendly(client: FlaskClient) -> None:
     wrong = client.delete("/form")
     assert wrong.status_code == 405
     assert client.post("/thanks").status_code == 405
+
+
+def test_captcha_host_is_the_public_url_host_not_the_host_header(
+    make_settings: Callable[..., Settings], web_env: dict[str, str], outbox: Outbox
+) -> None:
+    seen: list[set[str]] = []
+
+    class Recording:
+        def verify(self, token: str, *, remoteip: str | None, hostnames: object) -> None:
+            seen.append(set(hostnames))  # type: ignore[call-overload]
+
+    settings = make_settings(**web_env, RELAY_PUBLIC_URL="https://forms.shop.test")
+    client = create_app(settings, outbox=outbox, verifier=Recording()).test_client()
+    response = client.post("/form", json=valid_form(), headers={"Host": "attacker.test"})
+    assert response.status_code == 202
+    assert seen == [{"forms.shop.test", "localhost", "partner.test"}]

@@ -106,3 +106,14 @@ def test_redis_storage_is_shared_between_nodes(
     assert limited.status_code == 429
     assert int(limited.headers["Retry-After"]) > 0
     assert node_b.test_client().post("/form", json=valid_form()).status_code == 429
+
+
+def test_unreachable_redis_falls_back_to_memory_limits(
+    make_app: Callable[..., Flask], outbox: Outbox
+) -> None:
+    client = make_app(
+        RELAY_RATE_LIMIT="1/minute", RELAY_RATE_LIMIT_STORAGE="redis://127.0.0.1:1/0"
+    ).test_client()
+    assert client.post("/form", json=valid_form()).status_code == 202
+    assert client.post("/form", json=valid_form()).status_code == 429
+    assert len(queued(outbox)) == 1
