@@ -248,10 +248,13 @@ class Visitor:
     """Posts the form as a browser (HTML) or as embed.js (JSON) would, to a Flask test client
     or to a real server at `base_url`."""
 
-    def __init__(self, *, client: Any = None, base_url: str | None = None) -> None:
+    def __init__(
+        self, *, client: Any = None, base_url: str | None = None, keepalive: bool = True
+    ) -> None:
         assert (client is None) != (base_url is None)
         self.client = client
         self.base_url = base_url
+        self.keepalive = keepalive
         self._http: Any = None
 
     def post(
@@ -263,13 +266,17 @@ class Visitor:
         json_body: bool = False,
         token: str | None = None,
         timeout: float = 30.0,
+        raw_body: tuple[bytes, str] | None = None,
     ) -> Reply:
+        """`raw_body`: (bytes, content type) sent as they are instead of the fields."""
         token = token or captcha_token()
         headers = {
             "Origin": ORIGIN,
             "Accept": "application/json" if as_json else "text/html",
         }
-        if json_body:
+        if raw_body is not None:
+            body, headers["Content-Type"] = raw_body
+        elif json_body:
             body = json.dumps({**fields, "h-captcha-response": token}).encode()
             headers["Content-Type"] = "application/json"
         else:
@@ -282,7 +289,8 @@ class Visitor:
             import httpx
 
             if self._http is None:
-                self._http = httpx.Client(timeout=timeout)
+                limits = httpx.Limits(max_keepalive_connections=None if self.keepalive else 0)
+                self._http = httpx.Client(timeout=timeout, limits=limits)
             response = self._http.post(f"{self.base_url}/form", content=body, headers=headers)
             status, text = response.status_code, response.text
         reply_headers = {k.lower(): v for k, v in response.headers.items()}
