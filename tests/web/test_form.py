@@ -226,6 +226,7 @@ def test_json_errors_are_keyed_by_field(client: FlaskClient, outbox: Outbox) -> 
         ("subject", "Hi\x00there", "Please remove control characters"),
         ("subject", "Hi\u202ereversed", "Please remove control characters"),
         ("message", "bell \x07 in body", "Please remove control characters"),
+        ("name", "lone \ud800 surrogate", "Please remove control characters"),
         ("email", "hanako@visitor.test\r\nBcc: x@evil.test", "Please remove control characters"),
         ("email", "hanako@visitor.test, x@evil.test", "Please enter a valid email"),
         ("email", "hanako@", "Please enter a valid email"),
