@@ -10,6 +10,7 @@ visitor's domain is checked against the bench DNS server, so the whole accept pa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench import profile
 from bench.util import (
     ROOT,
     PeakRSS,
@@ -124,6 +126,23 @@ def wrk(url: str, *, clients: int, seconds: float, body: str, headers: str = "")
     raise RuntimeError(f"wrk printed no result: {out.stdout}{out.stderr}")
 
 
+def warm_up(url: str, body: str, headers: str, limit: float = 30.0) -> int:
+    """Until every worker has booted (imports, app, store) requests stall for seconds: post
+    in 2-second rounds until the rate stops climbing. Returns the rounds it took."""
+    deadline = time.monotonic() + limit
+    previous = 0.0
+    rounds = 0
+    while time.monotonic() < deadline:
+        rounds += 1
+        run = wrk(
+            url, clients=4, seconds=2, body=body.replace("{i}", f"{rounds}{{i}}"), headers=headers
+        )
+        if run["requests"] and not run["errors"] and run["rps"] <= previous * 1.2:
+            break
+        previous = run["rps"]
+    return rounds
+
+
 class Sampler:
     """Samples the VmHWM of gunicorn's workers every 0.25 s (workers are recycled)."""
 
@@ -157,12 +176,22 @@ def measure(
     seconds: float,
     run: str,
     headers: str = "",
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     """Warm up, then one wrk run per concurrency; plus the workers' peak RSS."""
     body = body_template(run)
     results: dict[str, Any] = {"runs": []}
     with gunicorn(app, env, log) as (base, proc), Sampler(proc.pid) as sampler:
-        wrk(base + path, clients=4, seconds=1, body=body.replace("{i}", "9{i}"), headers=headers)
+        results["warm_up_rounds"] = warm_up(base + path, body.replace("{i}", "9{i}"), headers)
+        spies = contextlib.ExitStack()
+        if profile_to is not None:
+            span = len(concurrencies) * (seconds + 0.6)
+            for pid in children(proc.pid):
+                spies.enter_context(
+                    profile.record(
+                        pid, profile_to.with_suffix(f".{pid}.txt"), seconds=span, rate=100
+                    )
+                )
         for number, clients in enumerate(concurrencies, start=1):
             time.sleep(0.5)
             results["runs"].append(
@@ -174,5 +203,6 @@ def measure(
                     headers=headers,
                 )
             )
+        spies.close()
     results["worker_peak_rss_mb"] = sampler.peak.max_mb
     return results

@@ -26,7 +26,7 @@ from typing import Any
 import dkim
 import psycopg
 
-from bench import accept, pipeline, postfix, report, sign, world
+from bench import accept, pipeline, postfix, profile, report, sign, world
 from bench.util import ROOT
 from relay.config import load_settings
 from relay.outbox import Outbox
@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32", help="accept clients (1,8,32)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the relay processes; summary in results"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, dumps)")
     args = parser.parse_args(argv)
     args.messages = args.messages or (300 if args.quick else 2000)
@@ -148,6 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work.chmod(0o755)  # Postfix's and smtp-sink's unprivileged users walk through it
     log(f"work folder {work}")
     results: dict[str, Any] = {}
+    profiles: dict[str, Any] = {}
     keys = world.make_keys(work / "keys")
     zone = work / "zone.txt"
     zone.write_text(world.zone_text(keys))
@@ -190,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
             if "accept" in args.sections:
-                results["accept"] = accept_section(args, work, env_for, run_id)
+                results["accept"] = accept_section(args, work, env_for, run_id, profiles)
 
             if "e2e" in args.sections or "drain" in args.sections:
                 built = world.build_messages(args.messages, base_settings)
@@ -212,10 +216,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 return outbox
 
                             fn = pipeline.relay_e2e if section == "e2e" else pipeline.relay_drain
+                            spy = work / f"profile-{section}-{store}.txt" if args.profile else None
                             try:
                                 rows[name] = fn(
-                                    make_outbox, built, env, folder, verify, timeout=timeout
+                                    make_outbox,
+                                    built,
+                                    env,
+                                    folder,
+                                    verify,
+                                    timeout=timeout,
+                                    profile_to=spy,
                                 )
+                                if spy is not None:
+                                    profiles[f"worker {section} {store}"] = profile.summarise([spy])
                             except Exception as exc:
                                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
                     for name, key_pem in (("postfix_opendkim", keys.rsa_pem), ("postfix", None)):
@@ -244,11 +257,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else:
             shutil.rmtree(work, ignore_errors=True)
     results["memory"] = memory(results)
+    if profiles:
+        results["profile"] = profiles
     return results
 
 
 def accept_section(
-    args: argparse.Namespace, work: Path, env_for: Callable[..., dict[str, str]], run_id: str
+    args: argparse.Namespace,
+    work: Path,
+    env_for: Callable[..., dict[str, str]],
+    run_id: str,
+    profiles: dict[str, Any],
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     problem = accept.available()
@@ -275,7 +294,12 @@ def accept_section(
                     seconds=args.seconds,
                     run=f"{run_id}{target}",
                     headers="Origin:http://localhost",
+                    profile_to=folder / "profile" if args.profile and target != "bare" else None,
                 )
+                if args.profile and target != "bare":
+                    profiles[f"gunicorn {target}"] = profile.summarise(
+                        sorted(folder.glob("profile.*.txt"))
+                    )
                 if target != "bare":
                     out[target]["outbox"] = store.counts()
                     store.dispose()
@@ -301,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         log("warning: not root; smtp-sink, Postfix and the port-53 DNS need root")
     started = time.monotonic()
+    load_before = [round(x, 2) for x in os.getloadavg()]
     results = run(args)
     results["meta"] = {
         **results.get("meta", {}),
@@ -309,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.messages,
         "accept_seconds": args.seconds,
         "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "commit": commit(),
         "tools": tool_versions(),
         "wall_seconds": round(time.monotonic() - started, 1),

@@ -12,6 +12,7 @@ wait in its deferred queue (defer_transports = smtp) until the flush.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench import postfix
+from bench import postfix, profile
 from bench.sink import Sink, message_of_dump
 from bench.util import ROOT, PeakRSS, running, venv_tool, wait_until
 
@@ -52,6 +53,15 @@ def _worker(env: dict[str, str], log: Path) -> Any:
     return running([venv_tool("relay"), "worker"], env=env, log=log, cwd=ROOT)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _to(env: dict[str, str], sink: Sink) -> dict[str, str]:
     return {**env, "RELAY_SMTP_PORT": str(sink.port)}
 
@@ -74,12 +84,17 @@ def relay_e2e(
     verify: Callable[[bytes], bool],
     *,
     timeout: float,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     outbox = make_outbox()
     n = len(built)
     log = work / "worker-e2e.log"
-    with Sink(work / "sink-e2e") as sink, _worker(_to(env, sink), log) as proc:
+    with contextlib.ExitStack() as stack:
+        sink = stack.enter_context(Sink(work / "sink-e2e"))
+        proc = stack.enter_context(_worker(_to(env, sink), log))
         _wait_started(log, proc)
+        if profile_to is not None:
+            stack.enter_context(profile.record(proc.pid, profile_to))
         peak, stop = PeakRSS(), threading.Event()
         threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
         started = time.monotonic()
@@ -87,11 +102,14 @@ def relay_e2e(
         done = sink.wait_for(n, timeout)
         stop.set()
         peak.sample([proc.pid])
+        cpu = cpu_seconds(proc.pid)
         row = _row(n, started, sink, done)
         row["accept_messages_per_second"] = round(n / (accepted_at - started), 1)
         row["worker_peak_rss_mb"] = peak.max_mb
+        row["worker_cpu_ms_per_message"] = round(cpu / n * 1000, 2)
         row["dkim_valid"] = _check(sink, verify)
         row["notes"] = (
+            f"worker CPU {row['worker_cpu_ms_per_message']} ms/message; "
             f"accept {row['accept_messages_per_second']}/s; concurrency "
             f"{env.get('RELAY_WORKER_CONCURRENCY', '10 (default)')}; DKIM "
             f"{'valid' if row['dkim_valid'] else 'NOT valid'}"
@@ -109,6 +127,7 @@ def relay_drain(
     verify: Callable[[bytes], bool],
     *,
     timeout: float,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
     outbox = make_outbox()
     n = len(built)
@@ -116,20 +135,26 @@ def relay_drain(
     log = work / "worker-drain.log"
     with Sink(work / "sink-drain") as sink:
         started = time.monotonic()
-        with _worker(_to(env, sink), log) as proc:
+        with contextlib.ExitStack() as stack:
+            proc = stack.enter_context(_worker(_to(env, sink), log))
+            if profile_to is not None:
+                stack.enter_context(profile.record(proc.pid, profile_to))
             peak, stop = PeakRSS(), threading.Event()
             threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
             done = sink.wait_for(n, timeout)
             stop.set()
             peak.sample([proc.pid])
+            cpu = cpu_seconds(proc.pid)
         row = _row(n, started, sink, done)
         row["worker_peak_rss_mb"] = peak.max_mb
+        row["worker_cpu_ms_per_message"] = round(cpu / n * 1000, 2)
         row["dkim_valid"] = _check(sink, verify)
         if sink.first_at is not None and sink.last_at is not None and sink.last_at > sink.first_at:
             row["after_first_delivery_per_second"] = round(
                 (n - 1) / (sink.last_at - sink.first_at), 1
             )
         row["notes"] = (
+            f"worker CPU {row['worker_cpu_ms_per_message']} ms/message; "
             f"clock starts at process start (imports included); "
             f"{row.get('after_first_delivery_per_second')}/s after the first delivery"
         )
@@ -149,6 +174,7 @@ def postfix_run(
     timeout: float,
 ) -> dict[str, Any]:
     """N messages through a private Postfix (+ OpenDKIM when key_pem) to the sink."""
+    work.mkdir(parents=True, exist_ok=True)
     message = postfix.message_file(raw, work / "message.txt")
     with (
         Sink(work / "sink") as sink,

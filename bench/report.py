@@ -92,6 +92,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}{unit}"
     if isinstance(value, float):
         return f"{value:,.3g}{unit}" if abs(value) < 10 else f"{value:,.0f}{unit}"
     return f"{value}{unit}"

@@ -99,7 +99,7 @@ def relay_env(
         "RELAY_RATE_LIMIT": "10000000/minute",
         "RELAY_RATE_LIMIT_GLOBAL": "10000000/minute",
         "RELAY_RATE_LIMIT_STORAGE": "memory://",
-        "RELAY_LOG_LEVEL": "WARNING",
+        "RELAY_LOG_LEVEL": "INFO",  # as deployed: one line per delivery
         "RELAY_RETRY_INITIAL": "5",
         "RELAY_RETRY_MAX": "30",
     }
