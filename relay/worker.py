@@ -80,6 +80,7 @@ class Worker:
         worker_id: str | None = None,
         poll_interval: float = 0.5,
         shutdown_grace: float = 30.0,
+        heartbeat_interval: float | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -88,6 +89,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.shutdown_grace = shutdown_grace
         self.lease = float(settings.worker_lease)
+        self.heartbeat_interval = heartbeat_interval or max(1.0, self.lease / 3)
         self._deliver = deliver
         self._sign = sign
         self._resolver = resolver
@@ -187,9 +189,8 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _heartbeat(self) -> None:
-        interval = max(1.0, self.lease / 3)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(self.heartbeat_interval)
             ids = list(self._inflight)
             if not ids:
                 continue
@@ -304,7 +305,10 @@ class Worker:
 
 
 def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None = None) -> None:
-    """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish."""
+    """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish.
+
+    A long-running worker logs the doctor's findings at start; `--once` (cron, tests) skips
+    them, so a run every minute neither repeats them nor waits for their DNS lookups."""
     store = outbox or Outbox.from_settings(settings)
     resolver = make_resolver(settings)
     worker = Worker(store, settings, resolver=resolver)
@@ -313,7 +317,9 @@ def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        checks = asyncio.create_task(startup_checks(settings, resolver))
+        checks = asyncio.create_task(
+            asyncio.sleep(0) if once else startup_checks(settings, resolver)
+        )
         try:
             await worker.run(once=once)
         finally:
