@@ -131,30 +131,40 @@ class Worker:
         concurrency = self.settings.worker_concurrency
         event(log, "worker.started", id=self.id, concurrency=concurrency, lease=int(self.lease))
         heartbeat = asyncio.create_task(self._heartbeat())
+        failures = 0
         try:
             while not self._stop.is_set():
                 free = concurrency - len(self._inflight)
                 claimed: list[Claimed] = []
+                timeout: float | None = self.poll_interval
                 if free > 0:
                     try:
                         claimed = await asyncio.to_thread(
                             self.outbox.claim, self.id, free, self.lease
                         )
+                        failures = 0
                     except StoreUnavailable as exc:
-                        event(log, "worker.store_unavailable", logging.WARNING, error=str(exc))
+                        if once:
+                            raise
+                        failures += 1
+                        timeout = min(30.0, self.poll_interval * 2**failures)
+                        event(
+                            log,
+                            "worker.store_unavailable",
+                            logging.WARNING,
+                            error=str(exc),
+                            retry_in=round(timeout, 1),
+                        )
                 for item in claimed:
                     self._start(item)
                 if once and not claimed and not self._inflight:
                     break
-                if self._stop.is_set():
-                    break
-                # Wake when a slot frees up, on stop, or after a short poll for new mail.
+                if len(claimed) == free or (once and self._inflight):
+                    timeout = None  # every slot is busy (or nothing more is due): wait for one
+                # Wake when an attempt ends, on stop, or after a short poll for new mail.
                 waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
                 stop_wait = asyncio.ensure_future(self._stop.wait())
                 waiters.add(stop_wait)
-                timeout = None if (len(claimed) == free and free > 0) else self.poll_interval
-                if once and self._inflight and not claimed:
-                    timeout = None
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 stop_wait.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
