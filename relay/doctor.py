@@ -320,8 +320,13 @@ class _SyncDNS:
         self.timeout = timeout
 
     def query(self, name: str, rtype: str) -> Lookup:
-        future = asyncio.run_coroutine_threadsafe(lookup(self.resolver, name, rtype), self.loop)
-        return future.result(self.timeout)
+        try:
+            future = asyncio.run_coroutine_threadsafe(lookup(self.resolver, name, rtype), self.loop)
+            return future.result(self.timeout)
+        except TimeoutError:
+            return Lookup(missing="timed out", temporary=True)
+        except RuntimeError as exc:  # the loop closed under us (the worker is stopping)
+            return Lookup(missing=str(exc), temporary=True)
 
     def spf_lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], Any]]:
         """pyspf's DNSLookup contract: [((name, type), value)], TempError when in doubt."""
