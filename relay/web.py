@@ -57,7 +57,8 @@ HCAPTCHA_SCRIPT = "https://js.hcaptcha.com/1/api.js"
 HCAPTCHA_HOSTS = "https://hcaptcha.com https://*.hcaptcha.com"
 STATIC = Path(__file__).parent / "static"
 TRANSLATIONS = Path(__file__).parent / "translations"
-TEMPLATES = Path(__file__).parent.parent / "templates"
+# Inside the package so an installed (non-editable) relay can render its pages.
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _(text: str, **variables: Any) -> str:
