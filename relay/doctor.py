@@ -16,6 +16,8 @@ The worker runs the checks once at start and logs every non-PASS (`log_checks`).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextvars
 import ipaddress
 import logging
@@ -32,7 +34,6 @@ from typing import Any, Literal
 import dkim
 import dkim.util
 import dns.exception
-import dns.rdata
 import dns.resolver
 import spf
 from cryptography.hazmat.primitives import serialization
@@ -48,8 +49,6 @@ from relay.config import (
 from relay.errors import DNSError, StoreUnavailable
 from relay.logs import event
 from relay.mx import Resolver, resolve_addresses, resolve_mx
-
-log = logging.getLogger(__name__)
 
 Status = Literal["PASS", "WARN", "FAIL"]
 _RANK: dict[Status, int] = {"PASS": 0, "WARN": 1, "FAIL": 2}
@@ -767,9 +766,6 @@ def verify_probe(signed: bytes, selector: str, sync_dns: _SyncDNS) -> tuple[bool
 
 def _public_key_der(b64: str) -> bytes | None:
     """The published p= as comparable DER, or None when it is not base64."""
-    import base64  # noqa: PLC0415
-    import binascii  # noqa: PLC0415
-
     try:
         return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
@@ -1233,40 +1229,36 @@ async def run_checks(
     except Exception as exc:  # any signer failure is reported, not raised
         sign_error = f"{type(exc).__name__}: {exc}"
 
-    async def dmarc_and_alignment() -> list[Check]:
-        dmarc_check, tags = await check_dmarc(settings, resolver)
-        return [dmarc_check, check_alignment(settings, tags)]
+    async def no_check() -> Check | None:
+        return None
 
-    async def database_check() -> list[Check]:
-        if not database:
-            return []
-        return [await asyncio.to_thread(check_database, settings)]
-
-    async def one(check: Any) -> list[Check]:
-        return [await check]
-
-    groups = await asyncio.gather(
-        one(check_ptr(settings, resolver, ip)),
-        one(check_helo(settings, resolver, ip)),
-        one(check_spf(settings, resolver, ip, sync_dns)),
-        *(
-            one(
+    core, (dmarc_check, dmarc_tags), support, store = await asyncio.gather(
+        asyncio.gather(
+            check_ptr(settings, resolver, ip),
+            check_helo(settings, resolver, ip),
+            check_spf(settings, resolver, ip, sync_dns),
+            *(
                 check_dkim(
                     settings, resolver, key, sync_dns=sync_dns, signed=signed, sign_error=sign_error
                 )
-            )
-            for key in _keys(settings)
+                for key in _keys(settings)
+            ),
         ),
-        dmarc_and_alignment(),
-        one(check_support_mx(settings, resolver)),
-        database_check(),
+        check_dmarc(settings, resolver),
+        check_support_mx(settings, resolver),
+        asyncio.to_thread(check_database, settings) if database else no_check(),
     )
-    checks = [sending]
-    for group in groups:
-        checks.extend(group)
-    # Configuration-only checks need no I/O; keep them next to the support-address check.
-    at = next(i for i, c in enumerate(checks) if c.name == "support-mx") + 1
-    checks[at:at] = [check_support_helpdesk(settings), check_hcaptcha(settings)]
+    checks = [
+        sending,
+        *core,
+        dmarc_check,
+        check_alignment(settings, dmarc_tags),
+        support,
+        check_support_helpdesk(settings),
+        check_hcaptcha(settings),
+    ]
+    if store is not None:
+        checks.append(store)
     return checks
 
 
