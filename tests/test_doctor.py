@@ -138,6 +138,17 @@ async def test_sending_ip_cannot_be_detected_without_a_route(
     assert "no sending IP" in checks["ptr"].summary
 
 
+async def test_with_a_smarthost_the_detected_ip_is_only_a_hint(
+    doctor_settings: Callable[..., Settings],
+) -> None:
+    settings = doctor_settings(RELAY_SMARTHOST="127.0.0.5:2525")
+    sending = (await checks_by_name(settings, ip=None))["sending-ip"]
+    assert sending.status == "WARN"
+    assert "smarthost 127.0.0.5" in sending.details["how"]
+    assert "receivers see its address" in sending.summary
+    assert "outbound IP" in sending.fix
+
+
 async def test_spf_lookups_go_through_the_configured_resolver(
     doctor_settings: Callable[..., Settings], world_dns: DNSZoneServer
 ) -> None:
