@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,28 @@ def test_the_package_carries_every_file_the_app_reads() -> None:
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), (
             f"relay/{relative} is not in [tool.setuptools.package-data]"
         )
+
+
+def test_gunicorn_config_loads_the_app(base_env: dict[str, str], tmp_path: Path) -> None:
+    """`gunicorn --check-config` with deploy/gunicorn.conf.py imports relay:create_app()
+    under the environment the systemd unit gives it."""
+    gunicorn = Path(sys.executable).with_name("gunicorn")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(base_env)
+    env["FORMRELAY_WEB_WORKERS"] = "2"
+    result = subprocess.run(
+        [
+            str(gunicorn),
+            "--check-config",
+            "--config",
+            str(DEPLOY / "gunicorn.conf.py"),
+            "relay:create_app()",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
