@@ -311,10 +311,7 @@ def submit() -> Response:
     if not origin_allowed():
         return refused()
     as_json = wants_json()
-    if request.is_json:
-        parsed = forms.read_json(request.get_json(silent=True))
-    else:
-        parsed = forms.read_form(request.form)
+    parsed = read_request()
     form = forms.ContactForm(formdata=parsed.data)
     if "form" in parsed.errors:
         return invalid(form, parsed.errors, as_json)
@@ -384,6 +381,22 @@ def submit() -> Response:
         embed=is_embed(),
     )
     return success(str(outbox_id), as_json)
+
+
+def read_request() -> forms.Parsed:
+    """The submitted fields, from a JSON or a form body."""
+    if request.is_json:
+        return forms.read_json(json_body())
+    return forms.read_form(request.form)
+
+
+def json_body() -> Any:
+    """The parsed JSON body, or None when it is not JSON we can read (malformed, invalid
+    UTF-8, or nested so deeply that the parser gives up with RecursionError)."""
+    try:
+        return request.get_json(silent=True)
+    except RecursionError:
+        return None
 
 
 def invalid(form: forms.ContactForm, errors: Mapping[str, list[str]], as_json: bool) -> Response:
@@ -476,10 +489,7 @@ def handle_unexpected(exc: Exception) -> Response:
 def kept_form() -> forms.ContactForm:
     """The visitor's input, for re-rendering after a refusal that happened before the view."""
     try:
-        if request.is_json:
-            parsed = forms.read_json(request.get_json(silent=True))
-        else:
-            parsed = forms.read_form(request.form)
+        parsed = read_request()
     except HTTPException:
         parsed = forms.Parsed(MultiDict())
     return forms.ContactForm(formdata=parsed.data)

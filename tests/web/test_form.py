@@ -567,6 +567,8 @@ def test_healthz(client: FlaskClient, make_app: Callable[..., Flask], dead_outbo
         (b"\xff\xfe{not json", "application/json", 400),
         (b'{"name": "a"', "application/json", 400),
         (b"[1, 2, 3]", "application/json", 400),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", 400),
+        (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "application/json", 400),
         (b'"just a string"', "application/json", 400),
         (b"null", "application/json", 400),
         (b"", "application/json", 400),
