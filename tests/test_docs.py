@@ -33,6 +33,8 @@ def _default(name: str) -> str:
     value = field.default
     if value is None or value is PydanticUndefined:
         return "(unset)"
+    if value == "":
+        return "(empty)"
     return f"`{value}`"
 
 
