@@ -227,8 +227,12 @@ def retry(ctx: click.Context, message_id: str | None, all_failed: bool) -> None:
         elif store.retry(str(message_id)):
             click.echo(f"{message_id} due now")
         else:
-            status = store.get(str(message_id)).status
-            fail(f"relay retry: {message_id} is {status}; only failed or deferred mail is retried")
+            row = store.get(str(message_id))
+            if row.purged_at is not None:
+                fail(f"relay retry: {message_id} cannot be sent again: its body was purged")
+            fail(
+                f"relay retry: {message_id} is {row.status}; only failed or deferred mail retries"
+            )
     except StoreError as exc:
         fail(f"relay retry: {exc}")
 
@@ -247,11 +251,16 @@ def purge(ctx: click.Context, days: float) -> None:
 
 @main.command("queue-check")
 @click.option("--max-age", type=click.IntRange(min=1), required=True, help="Seconds.")
+@click.option(
+    "--failed-within",
+    callback=_duration,
+    help="Count only failures this recent (1d); default: every failed message.",
+)
 @click.pass_context
-def queue_check(ctx: click.Context, max_age: int) -> None:
+def queue_check(ctx: click.Context, max_age: int, failed_within: Any) -> None:
     """Exit 1 if a message failed or waited longer than --max-age seconds (for cron)."""
     try:
-        health = _outbox(ctx).queue_check(timedelta(seconds=max_age))
+        health = _outbox(ctx).queue_check(timedelta(seconds=max_age), failed_within=failed_within)
     except StoreError as exc:
         fail(f"relay queue-check: {exc}")
     if not health.ok:

@@ -56,7 +56,7 @@ Status = Literal["queued", "sending", "deferred", "delivered", "failed"]
 STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed")
 DUE_STATUSES = ("queued", "deferred", "sending")
 MIGRATION_LOCK_KEY = 0x7265_6C61_7900  # "relay\0": pg_advisory_xact_lock for migrations
-SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_BUSY_TIMEOUT = 5.0  # seconds a write waits for SQLite's lock before StoreUnavailable
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Alembic keeps its migration context in module globals: one migration at a time per process.
 # Across processes and nodes, PostgreSQL's advisory lock (migrations/env.py) serialises them.
@@ -453,7 +453,7 @@ def _sqlite_path(url: sa.URL) -> Path | None:
     return Path(database)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT) -> Engine:
     """An engine for the outbox: pre-pinged pools; SQLite tuned for durability."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -463,9 +463,13 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(
             parsed,
             pool_pre_ping=True,
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _sqlite_on_connect)
+
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            _sqlite_on_connect(dbapi_connection, int(busy_timeout * 1000))
+
+        event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
     return sa.create_engine(
@@ -473,7 +477,7 @@ def make_engine(url: str) -> Engine:
     )
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_on_connect(dbapi_connection: Any, busy_timeout_ms: int) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN IMMEDIATE instead of pysqlite's deferred BEGIN:
     # a write transaction takes the lock at its start, so it never fails to upgrade later.
     dbapi_connection.isolation_level = None
@@ -481,7 +485,7 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
@@ -511,8 +515,10 @@ class Outbox:
         *,
         clock: Callable[[], datetime] = utcnow,
         auto_migrate: bool = True,
+        busy_timeout: float = SQLITE_BUSY_TIMEOUT,
     ) -> None:
         self.url = url
+        self.busy_timeout = busy_timeout
         self.clock = clock
         self.auto_migrate = auto_migrate
         self._engine: Engine | None = None
@@ -532,7 +538,7 @@ class Outbox:
         with self._lock:
             if self._engine is None:
                 try:
-                    self._engine = make_engine(self.url)
+                    self._engine = make_engine(self.url, busy_timeout=self.busy_timeout)
                 except OSError as exc:
                     raise StoreUnavailable(f"cannot open the outbox store: {exc}") from exc
             return self._engine
@@ -977,8 +983,11 @@ class Outbox:
             rows = conn.execute(sa.select(m.status, sa.func.count()).group_by(m.status)).all()
         return {status: int(count) for status, count in rows}
 
-    def queue_check(self, max_age: timedelta) -> QueueHealth:
-        """Healthy unless a message failed, or one not delivered has waited longer than that."""
+    def queue_check(
+        self, max_age: timedelta, *, failed_within: timedelta | None = None
+    ) -> QueueHealth:
+        """Healthy unless a message failed (within `failed_within` of now, when given), or one
+        not delivered has waited longer than `max_age`."""
         now = self.clock()
         m = messages.c
         counts = self.counts()
@@ -988,12 +997,10 @@ class Outbox:
                     m.status.in_(("queued", "sending", "deferred"))
                 )
             ).scalar()
-            failed = conn.execute(
-                sa.select(m.id, m.failure_reason)
-                .where(m.status == "failed")
-                .order_by(m.finished_at.desc())
-                .limit(1)
-            ).first()
+            failed_query = sa.select(m.id, m.failure_reason).where(m.status == "failed")
+            if failed_within is not None:
+                failed_query = failed_query.where(m.finished_at >= now - failed_within)
+            failed = conn.execute(failed_query.order_by(m.finished_at.desc()).limit(1)).first()
         pending = sum(counts.get(s, 0) for s in ("queued", "sending", "deferred"))
         if failed is not None:
             return QueueHealth(
@@ -1011,7 +1018,8 @@ class Outbox:
             )
         return QueueHealth(
             True,
-            f"ok {pending} pending, {counts.get('delivered', 0)} delivered, 0 failed",
+            f"ok {pending} pending, {counts.get('delivered', 0)} delivered, "
+            f"{counts.get('failed', 0)} failed",
             counts,
         )
 

@@ -238,6 +238,9 @@ def test_purge_keeps_the_log(env: Env, history: History) -> None:
     assert "body purged" in show.output
     assert "550 5.1.1 No such mailbox here" in show.output
     assert env.invoke("log", "--json").output.count("\n") == 2
+    retried = env.invoke("retry", history.refused)
+    assert retried.exit_code == 1
+    assert "its body was purged" in retried.output
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)

@@ -589,3 +589,40 @@ def test_queue_check(store: Outbox, clock: FakeClock, plain_settings: Settings) 
 def test_show_unknown_id(store: Outbox) -> None:
     with pytest.raises(MessageNotFound):
         store.show("nosuchid")
+
+
+def test_locked_sqlite_is_store_unavailable_and_writes_nothing(
+    tmp_path: Path, plain_settings: Settings
+) -> None:
+    """A writer holding SQLite's lock past busy_timeout: the web answers 503, nothing half-done."""
+    path = tmp_path / "o.sqlite3"
+    store = Outbox(f"sqlite:///{path}", busy_timeout=0.2)
+    try:
+        store.enqueue(built(plain_settings, 1))
+        holder = sqlite3.connect(path, isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreUnavailable, match="locked"):
+                store.enqueue(built(plain_settings, 2))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert [r.subject for r in store.list_messages()] == ["Order 1 is late"]
+        store.enqueue(built(plain_settings, 3))  # and it recovers once the lock is gone
+        assert len(store.list_messages()) == 2
+    finally:
+        store.dispose()
+
+
+def test_queue_check_can_count_only_recent_failures(
+    store: Outbox, clock: FakeClock, plain_settings: Settings
+) -> None:
+    store.enqueue(built(plain_settings))
+    (claimed,) = store.claim("w1", 1, 60)
+    store.record_attempt(claimed, refused(), owner="w1", policy=POLICY)
+    assert not store.queue_check(timedelta(hours=1), failed_within=timedelta(days=1)).ok
+    clock.advance(2 * 86400)
+    health = store.queue_check(timedelta(hours=1), failed_within=timedelta(days=1))
+    assert health.ok
+    assert health.reason == "ok 0 pending, 0 delivered, 1 failed"
+    assert not store.queue_check(timedelta(hours=1)).ok

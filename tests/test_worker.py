@@ -389,6 +389,7 @@ def _run_worker(worker: Worker) -> None:
     asyncio.run(worker.run(once=True))
 
 
+@pytest.mark.slow
 def test_two_workers_deliver_500_messages_exactly_once(
     postgres_url: str,
     make_settings: Callable[..., Settings],
@@ -444,6 +445,7 @@ def start_worker(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[
         )
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_data_is_delivered_after_restart(
     database_url: str,
     base_env: dict[str, str],
