@@ -331,3 +331,54 @@ def test_embedding_from_an_unlisted_origin_is_blocked(
     finally:
         server.shutdown()
         server.server_close()
+
+
+FETCH_JSON = """
+async ([url, token]) => {
+  try {
+    const response = await fetch(url, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", "Accept": "application/json"},
+      body: JSON.stringify({name: "Taro", email: "taro@visitor.test", subject: "From JS",
+                            message: "Sent with fetch", "h-captcha-response": token}),
+    });
+    return {status: response.status, body: await response.json()};
+  } catch (error) {
+    return {error: String(error)};
+  }
+}
+"""
+
+
+def test_json_api_with_cors_from_an_allowed_origin(
+    live: str, host_page: HostPage, new_page: Callable[..., Any], outbox: Outbox
+) -> None:
+    page = new_page()
+    page.goto(host_page.origin + "/")
+    result = page.evaluate(FETCH_JSON, [f"{live}/form", "pass-fetch-1"])
+    assert result.get("status") == 202, result
+    assert result["body"]["status"] == "queued"
+    assert [row.id for row in queued(outbox)] == [result["body"]["id"]]
+
+
+def test_json_api_is_blocked_for_an_unlisted_origin(
+    make_settings: Callable[..., Settings],
+    web_env: dict[str, str],
+    outbox: Outbox,
+    host_page: HostPage,
+    new_page: Callable[..., Any],
+) -> None:
+    app = create_app(make_settings(**web_env), outbox=outbox)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    serve_thread(server)
+    try:
+        page = new_page()
+        page.goto(host_page.origin + "/")
+        result = page.evaluate(
+            FETCH_JSON, [f"http://localhost:{server.server_port}/form", "pass-fetch-2"]
+        )
+        assert "error" in result, result
+        assert queued(outbox) == []
+    finally:
+        server.shutdown()
+        server.server_close()
