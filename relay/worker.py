@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 import secrets
@@ -25,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
-from relay import smtp
+from relay import doctor, smtp
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
@@ -346,12 +344,8 @@ def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None 
 
 
 async def startup_checks(settings: Settings, resolver: Any) -> None:
-    """Optional hook: when relay.doctor is installed, log its non-passing checks at start, in
-    the background (delivery does not wait for DNS checks, and a failing check never stops
-    the worker)."""
-    if importlib.util.find_spec("relay.doctor") is None:
-        return
-    doctor = importlib.import_module("relay.doctor")
+    """The doctor's non-passing checks, logged at start in the background: delivery does not
+    wait for the DNS checks, and a failing check never stops the worker."""
     try:
         checks = await asyncio.wait_for(
             doctor.run_checks(settings, resolver=resolver, database=False), timeout=60

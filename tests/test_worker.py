@@ -9,6 +9,7 @@ many-workers test, which is about PostgreSQL's SKIP LOCKED claims.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -25,9 +26,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
 from relay.errors import SigningError
+from relay.mx import make_resolver
 from relay.outbox import Outbox
 from relay.signing import Signer
-from relay.worker import Worker
+from relay.worker import Worker, startup_checks
 from tests.conftest import SUPPORT_DOMAIN
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
@@ -504,3 +506,17 @@ def test_worker_killed_mid_data_is_delivered_after_restart(
     assert "delivery.delivered" in text
     assert f"id={outbox_id}" in text
     assert "worker.stopped" in text
+
+
+async def test_startup_checks_log_the_doctor_findings(
+    make_settings: Callable[..., Settings],
+    world_dns: DNSZoneServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = make_settings(
+        RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_HELO_HOSTNAME="mail.nowhere.test"
+    )
+    caplog.set_level(logging.INFO, logger="relay")
+    await startup_checks(settings, make_resolver(settings))
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    assert any(line.startswith("doctor.check check=helo status=FAIL") for line in lines)
