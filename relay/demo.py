@@ -151,7 +151,14 @@ def demo_zone(dkim_record: str, mx_ip: str) -> str:
     )
 
 
-def demo_settings(folder: Path, *, dns_address: str, smtp_port: int, base_url: str) -> Settings:
+def demo_settings(
+    folder: Path,
+    *,
+    dns_address: str,
+    smtp_port: int,
+    base_url: str,
+    shop_url: str | None = None,
+) -> Settings:
     """The demo's Settings, validated like any other; nothing is read from the environment."""
     values = {
         "RELAY_ENV": "demo",
@@ -176,7 +183,7 @@ def demo_settings(folder: Path, *, dns_address: str, smtp_port: int, base_url: s
         "RELAY_SECRET_KEY": secrets.token_urlsafe(48),
         "RELAY_HCAPTCHA_SITEKEY": HCAPTCHA_TEST_SITEKEY,
         "RELAY_HCAPTCHA_SECRET": HCAPTCHA_TEST_SECRET,
-        "RELAY_ALLOWED_ORIGINS": base_url,
+        "RELAY_ALLOWED_ORIGINS": ",".join(u for u in (base_url, shop_url) if u),
     }
     return load_settings(values, env_file=None)
 
@@ -216,6 +223,7 @@ class Sandbox:
     mailbox: SupportMailbox
     web: BaseWSGIServer
     base_url: str
+    shop_url: str
     outbox: Outbox
     worker: Worker
     env_file: Path
@@ -273,8 +281,16 @@ def sandbox(
         web = make_server("127.0.0.1", 0, not_ready, threaded=True)
         stack.callback(web.server_close)
         base_url = f"http://127.0.0.1:{web.server_port}"
+        # The customer's own site, on another origin, embedding the form with embed.js.
+        shop = make_server("127.0.0.1", 0, shop_page(base_url), threaded=True)
+        stack.callback(shop.server_close)
+        shop_url = f"http://127.0.0.1:{shop.server_port}"
         settings = demo_settings(
-            folder, dns_address=zone.address, smtp_port=mailbox.port, base_url=base_url
+            folder,
+            dns_address=zone.address,
+            smtp_port=mailbox.port,
+            base_url=base_url,
+            shop_url=shop_url,
         )
         outbox = Outbox.from_settings(settings)
         outbox.upgrade()
@@ -287,16 +303,13 @@ def sandbox(
             return {"demo_captcha_token": DEMO_CAPTCHA_TOKEN}
 
         web.app = app
-        web_thread = threading.Thread(
-            target=web.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True, name="web"
-        )
-        web_thread.start()
-
-        def stop_web() -> None:
-            web.shutdown()
-            web_thread.join(5)
-
-        stack.callback(stop_web)
+        for name, server in (("web", web), ("shop", shop)):
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True, name=name
+            )
+            thread.start()
+            stack.callback(thread.join, 5)
+            stack.callback(server.shutdown)
 
         worker = Worker(
             outbox,
@@ -311,7 +324,30 @@ def sandbox(
 
         env_file = folder / "env"
         env_file.write_text(env_file_text(settings))
-        yield Sandbox(settings, zone, mailbox, web, base_url, outbox, worker, env_file)
+        yield Sandbox(settings, zone, mailbox, web, base_url, shop_url, outbox, worker, env_file)
+
+
+def shop_page(base_url: str) -> Callable[[Any, Any], list[bytes]]:
+    """A stand-in for the operator's own website: one page embedding the form."""
+    html = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Demo Shop: contact us</title></head>
+<body style="font-family: sans-serif; max-width: 44rem; margin: 2rem auto">
+<h1>Demo Shop</h1>
+<p>This page stands for your own website, on another origin. The form below is the relay's,
+embedded with one script tag:</p>
+<pre>&lt;script src="{base_url}/embed.js" async&gt;&lt;/script&gt;</pre>
+<script src="{base_url}/embed.js" async></script>
+</body></html>
+""".encode()
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") != "/":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
+        return [html]
+
+    return app
 
 
 class WorkerThread(threading.Thread):
@@ -379,6 +415,7 @@ formrelay demo: everything runs on 127.0.0.1 and stops with Ctrl-C.
                .test names). Without internet the hCaptcha widget cannot load: tick the
                "demo CAPTCHA" box instead (demo only; refused outside RELAY_ENV=demo).
   Embed:       <script src="{box.base_url}/embed.js" async></script>
+  Your site:   {box.shop_url}/ (another origin, embedding the form with that snippet)
   Support:     {box.settings.support_address} -> mx.{SUPPORT_DOMAIN} on \
 {box.mailbox.host}:{box.mailbox.port} (greylists each new sender once)
   Mailbox:     {folder / "Maildir"}
