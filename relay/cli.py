@@ -230,9 +230,7 @@ def retry(ctx: click.Context, message_id: str | None, all_failed: bool) -> None:
             row = store.get(str(message_id))
             if row.purged_at is not None:
                 fail(f"relay retry: {message_id} cannot be sent again: its body was purged")
-            fail(
-                f"relay retry: {message_id} is {row.status}; only failed or deferred mail retries"
-            )
+            fail(f"relay retry: {message_id} is {row.status}; only failed or deferred mail retries")
     except StoreError as exc:
         fail(f"relay retry: {exc}")
 
