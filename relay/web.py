@@ -40,7 +40,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import forms, logs
 from relay.captcha import MISSING, HCaptchaVerifier, Verifier, site_keys
-from relay.config import HCAPTCHA_TEST_SECRET, Settings, load_settings
+from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
 from relay.errors import CaptchaError, ConfigError, MessageError, StoreUnavailable
 from relay.logs import event
 from relay.message import Submission, build_message
@@ -555,17 +555,14 @@ def create_app(
 ) -> Flask:
     """Build the app: every resource (store, resolver, verifier, limiter, Babel) per app."""
     if settings is None:
+        # The process entry point (gunicorn "relay:create_app()"): settings and logging are
+        # ours to set up. A caller passing settings (CLI, demo, tests) owns its logging.
         settings = load_settings()
-    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
-    if not settings.is_development and secret == HCAPTCHA_TEST_SECRET:
-        raise ConfigError(
-            [
-                "RELAY_HCAPTCHA_SECRET: hCaptcha's published test secret accepts everyone; "
-                "refused outside development"
-            ]
-        )
-    if settings.env != "test" and not logging.getLogger("relay").handlers:
-        logs.configure(settings.log_level)
+        if not logging.getLogger("relay").handlers:
+            logs.configure(settings.log_level)
+        for warning in settings.warnings:
+            event(log, "config.warning", logging.WARNING, warning=warning)
+    refuse_test_keys(settings)
     sitekey, _secret = site_keys(settings)
 
     app = Flask("relay", template_folder=str(TEMPLATES), static_folder=str(STATIC))
@@ -619,6 +616,21 @@ def create_app(
     app.register_error_handler(Exception, handle_unexpected)
     app.after_request(security_headers)
     return app
+
+
+def refuse_test_keys(settings: Settings) -> None:
+    """hCaptcha's published test keys accept every visitor: never outside development, even
+    with settings built by hand rather than by load_settings()."""
+    if settings.is_development:
+        return
+    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
+    problems = []
+    if not settings.hcaptcha_sitekey or settings.hcaptcha_sitekey == HCAPTCHA_TEST_SITEKEY:
+        problems.append("RELAY_HCAPTCHA_SITEKEY: required; the published test key is refused")
+    if not secret or secret == HCAPTCHA_TEST_SECRET:
+        problems.append("RELAY_HCAPTCHA_SECRET: required; the published test secret is refused")
+    if problems:
+        raise ConfigError(problems)
 
 
 def everyone() -> str:

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from pydantic import SecretStr
 
 from relay import create_app
-from relay.config import HCAPTCHA_TEST_SECRET, Settings
+from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.errors import CaptchaError, ConfigError
 from relay.outbox import Outbox
 from tests.peers.captcha import SiteverifyStub
@@ -365,6 +365,19 @@ def test_create_app_refuses_the_published_test_secret_in_production(
     )
     with pytest.raises(ConfigError, match="RELAY_HCAPTCHA_SECRET"):
         create_app(production, outbox=outbox)
+    test_sitekey = web_settings.model_copy(
+        update={"env": "production", "hcaptcha_sitekey": HCAPTCHA_TEST_SITEKEY}
+    )
+    with pytest.raises(ConfigError, match="RELAY_HCAPTCHA_SITEKEY"):
+        create_app(test_sitekey, outbox=outbox)
+    no_keys = web_settings.model_copy(
+        update={"env": "production", "hcaptcha_sitekey": None, "hcaptcha_secret": None}
+    )
+    with pytest.raises(ConfigError) as info:
+        create_app(no_keys, outbox=outbox)
+    assert len(info.value.problems) == 2
+    # The same settings are fine for development, where the test keys are the default.
+    create_app(no_keys.model_copy(update={"env": "development"}), outbox=outbox)
 
 
 # --- honeypot ---------------------------------------------------------------------------------
