@@ -1,7 +1,8 @@
 /* formrelay: move focus to what needs attention, and tell an embedding page our height. */
 (function () {
   "use strict";
-  var target = document.getElementById("error-summary") || document.getElementById("banner");
+  var target = document.getElementById("error-summary") || document.getElementById("banner") ||
+    document.getElementById("thanks-title");
   if (target) { target.focus(); }
   if (window.parent === window) { return; }
   var last = 0;

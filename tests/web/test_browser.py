@@ -207,6 +207,7 @@ def test_direct_form_submits_and_shows_thanks(
     page.get_by_role("button", name="Send message").click()
     page.wait_for_url("**/thanks?lang=en")
     assert page.get_by_role("heading", name="Thank you").is_visible()
+    page.wait_for_function("document.activeElement.id === 'thanks-title'")
     rows = queued(outbox)
     assert len(rows) == 1
     assert rows[0].subject == "Order 1234"
