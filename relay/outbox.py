@@ -619,12 +619,15 @@ class Outbox:
 
     # --- worker side ---
 
-    def claim(self, owner: str, limit: int, lease_seconds: float) -> list[Claimed]:
+    def claim(
+        self, owner: str, limit: int, lease_seconds: float, *, give_up: float | None = None
+    ) -> list[Claimed]:
         """Take up to `limit` due messages under a lease held by `owner`.
 
         A message still `sending` whose lease expired lost its worker mid-attempt: that attempt
         is recorded as interrupted and the message flagged as a possible duplicate, since the
-        worker may have died after the server accepted it.
+        worker may have died after the server accepted it. Past `give_up` seconds of age such
+        a message fails instead, so one that kills every worker cannot loop for ever.
         """
         if limit <= 0:
             return []
@@ -672,6 +675,26 @@ class Outbox:
                         worker=row.lease_owner,
                     )
                     values.update(attempts=number, possible_duplicate=True, last_attempt_at=now)
+                    age = (now - row.created_at).total_seconds()
+                    if give_up is not None and age >= give_up:
+                        conn.execute(
+                            messages.update()
+                            .where(m.id == row.id)
+                            .values(
+                                attempts=number,
+                                possible_duplicate=True,
+                                last_attempt_at=now,
+                                status="failed",
+                                finished_at=now,
+                                next_attempt_at=None,
+                                lease_owner=None,
+                                lease_expires_at=None,
+                                failure_reason=f"gave up after {number} attempts over "
+                                f"{human_age(now - row.created_at)}: the last one was "
+                                "interrupted (worker killed or stalled)",
+                            )
+                        )
+                        continue
                     number += 1
                 conn.execute(messages.update().where(m.id == row.id).values(**values))
                 claimed.append(

@@ -138,7 +138,11 @@ class Worker:
                 if free > 0:
                     try:
                         claimed = await asyncio.to_thread(
-                            self.outbox.claim, self.id, free, self.lease
+                            self.outbox.claim,
+                            self.id,
+                            free,
+                            self.lease,
+                            give_up=self.policy.give_up,
                         )
                         failures = 0
                     except StoreUnavailable as exc:

@@ -626,3 +626,19 @@ def test_queue_check_can_count_only_recent_failures(
     assert health.ok
     assert health.reason == "ok 0 pending, 0 delivered, 1 failed"
     assert not store.queue_check(timedelta(hours=1)).ok
+
+
+def test_a_message_that_keeps_losing_its_worker_fails_by_age(
+    store: Outbox, clock: FakeClock, plain_settings: Settings
+) -> None:
+    outbox_id = store.enqueue(built(plain_settings))
+    store.claim("w1", 1, 600, give_up=3600)
+    clock.advance(601)
+    assert len(store.claim("w2", 1, 600, give_up=3600)) == 1  # reclaimed, young enough
+    clock.advance(3600)
+    assert store.claim("w3", 1, 600, give_up=3600) == []
+    detail = store.show(outbox_id)
+    assert detail.message.status == "failed"
+    assert detail.message.failure_reason is not None
+    assert "interrupted" in detail.message.failure_reason
+    assert [a.outcome for a in detail.attempts] == ["interrupted", "interrupted"]
