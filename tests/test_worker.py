@@ -520,3 +520,45 @@ async def test_startup_checks_log_the_doctor_findings(
     await startup_checks(settings, make_resolver(settings))
     lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
     assert any(line.startswith("doctor.check check=helo status=FAIL") for line in lines)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_sigterm_lets_the_attempt_in_flight_finish(
+    database_url: str,
+    base_env: dict[str, str],
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    handler = mx_server.handler
+    assert isinstance(handler, GatedHandler)
+    env = worker_env(
+        base_env,
+        RELAY_DATABASE_URL=database_url,
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+    )
+    store = Outbox(database_url)
+    log = tmp_path / "worker.log"
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        outbox_id = store.enqueue(built(make_settings()))
+        handler.hold_data = True
+        proc = start_worker(env, tmp_path, log)
+        assert handler.in_data.wait(30), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the worker left before its attempt ended"
+        handler.release.set()  # the held DATA now ends with 451
+        assert proc.wait(20) == 0, log.read_text()
+        row = store.get(outbox_id)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.dispose()
+    assert row.status == "deferred"
+    assert row.last_code == 451
+    assert row.lease_owner is None
+    assert "delivery.deferred" in log.read_text()
