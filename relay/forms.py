@@ -40,6 +40,7 @@ CAPTCHA = "h-captcha-response"
 ACCEPTED = (*FIELDS, HONEYPOT, CAPTCHA)
 # Line breaks are allowed in the message only; tab is allowed there too.
 _MULTILINE_OK = frozenset("\n\r\t")
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def limits() -> dict[str, int]:
@@ -108,14 +109,17 @@ def read_form(form: Mapping[str, Any]) -> Parsed:
 
 
 def control_characters(value: str, *, multiline: bool) -> bool:
-    """True if the value holds a control or format character we refuse (C0, C1, DEL, bidi
-    overrides, line/paragraph separators); newlines and tabs are fine in the message."""
+    """True if the value holds a character we refuse rather than silently change: C0/C1
+    controls and DEL (newline, CR and tab are fine in the message), bidi embeddings,
+    overrides and isolates (they make text read differently from what it is), lone
+    surrogates, unassigned code points, and line/paragraph separators outside the message.
+    Joiners, soft hyphens and the like are left to relay.message.sanitize_text."""
     for ch in value:
-        if multiline and ch in _MULTILINE_OK:
+        category = unicodedata.category(ch)
+        allowed_here = (category == "Cc" and ch in _MULTILINE_OK) or category in ("Zl", "Zp")
+        if multiline and allowed_here:
             continue
-        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn") and ch not in (
-            "\u200d",  # zero-width joiner: part of emoji sequences
-        ):
+        if category in ("Cc", "Cs", "Cn", "Zl", "Zp") or ch in _BIDI_CONTROLS:
             return True
     return False
 

@@ -227,6 +227,11 @@ def test_json_errors_are_keyed_by_field(client: FlaskClient, outbox: Outbox) -> 
         ("subject", "Hi\u202ereversed", "Please remove control characters"),
         ("message", "bell \x07 in body", "Please remove control characters"),
         ("name", "lone \ud800 surrogate", "Please remove control characters"),
+        ("subject", "isolate \u2066x\u2069", "Please remove control characters"),
+        ("subject", "line\u2028separator", "Please remove control characters"),
+        ("name", "tab\tname", "Please remove control characters"),
+        ("message", "C1 \x85 control", "Please remove control characters"),
+        ("message", "unassigned \U000e0fff", "Please remove control characters"),
         ("email", "hanako@visitor.test\r\nBcc: x@evil.test", "Please remove control characters"),
         ("email", "hanako@visitor.test, x@evil.test", "Please enter a valid email"),
         ("email", "hanako@", "Please enter a valid email"),
@@ -245,6 +250,17 @@ def test_field_is_rejected(
     assert list(errors) == [field]
     assert message in errors[field][0]
     assert queued(outbox) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Family 👨\u200d👩\u200d👧", "Soft\u00adhyphen", "نیما\u200cرضا", "髙橋 𠮷野"],
+)
+def test_joiners_and_rare_letters_are_accepted(
+    client: FlaskClient, outbox: Outbox, name: str
+) -> None:
+    assert client.post("/form", json=valid_form(name=name)).status_code == 202
+    assert len(queued(outbox)) == 1
 
 
 def test_multiline_message_with_tabs_and_newlines_is_fine(
