@@ -49,9 +49,12 @@ STAND_IN_WIDGET = """
       field.value = "pass-" + Math.random().toString(36).slice(2) + Date.now();
       var badge = document.createElement("div");
       badge.textContent = "\\u2713 stand-in hCaptcha (" + box.dataset.sitekey.slice(0, 8) + ")";
+      // The size of hCaptcha's normal widget iframe.
+      badge.style.width = "303px";
+      badge.style.height = "78px";
       badge.style.border = "1px solid #888";
+      badge.style.boxSizing = "border-box";
       badge.style.padding = "1rem";
-      badge.style.maxWidth = "300px";
       box.appendChild(badge);
       box.appendChild(field);
     });
@@ -243,6 +246,9 @@ def test_japanese_field_errors_at_320px(
     page.wait_for_selector("textarea[name='h-captcha-response']", state="attached")
     assert page.locator("h1").inner_text() == "お問い合わせ"
     assert page.evaluate("document.documentElement.scrollWidth") <= 320
+    widget = page.locator(".h-captcha > div").bounding_box()
+    assert widget is not None
+    assert widget["x"] + widget["width"] <= 320
     shot(page, "form-ja-320")
     fill(page, name="", email="someone@nullmx.test", subject="件名", message="")
     page.get_by_role("button", name="送信する").click()
