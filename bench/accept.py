@@ -177,12 +177,15 @@ def measure(
     run: str,
     headers: str = "",
     profile_to: Path | None = None,
+    warm_up_limit: float = 30.0,
 ) -> dict[str, Any]:
     """Warm up, then one wrk run per concurrency; plus the workers' peak RSS."""
     body = body_template(run)
     results: dict[str, Any] = {"runs": []}
     with gunicorn(app, env, log) as (base, proc), Sampler(proc.pid) as sampler:
-        results["warm_up_rounds"] = warm_up(base + path, body.replace("{i}", "9{i}"), headers)
+        results["warm_up_rounds"] = warm_up(
+            base + path, body.replace("{i}", "9{i}"), headers, limit=warm_up_limit
+        )
         spies = contextlib.ExitStack()
         if profile_to is not None:
             span = len(concurrencies) * (seconds + 0.6)

@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the relay processes; summary in results"
     )
+    parser.add_argument(
+        "--what-if",
+        choices=["tls-once"],
+        help="measure a proposed fix without the code: tls-once = TLS contexts built once "
+        "per process (bench/whatif/sitecustomize.py); results go to whatif-*.json",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, dumps)")
     args = parser.parse_args(argv)
     args.messages = args.messages or (300 if args.quick else 2000)
@@ -162,6 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with world.peers(zone, port53=reference is None) as peers:
 
             def env_for(url: str, folder: Path, **extra: str) -> dict[str, str]:
+                if args.what_if:
+                    extra["PYTHONPATH"] = str(ROOT / "bench" / "whatif")
                 return pipeline.environ(
                     world.relay_env(
                         keys,
@@ -295,6 +303,7 @@ def accept_section(
                     run=f"{run_id}{target}",
                     headers="Origin:http://localhost",
                     profile_to=folder / "profile" if args.profile and target != "bare" else None,
+                    warm_up_limit=10.0 if args.quick else 30.0,
                 )
                 if args.profile and target != "bare":
                     profiles[f"gunicorn {target}"] = profile.summarise(
@@ -331,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         **results.get("meta", {}),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "quick": args.quick,
+        "what_if": args.what_if,
         "n": args.messages,
         "accept_seconds": args.seconds,
         "cpus": os.cpu_count(),
@@ -348,9 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.no_save:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = "quick" if args.quick else "full"
+        stem = ("quick" if args.quick else "full") + (
+            f"-whatif-{args.what_if}" if args.what_if else ""
+        )
         (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         (args.out / f"{stem}.md").write_text(text)
-        (args.out / "latest.md").write_text(text)
         log(f"wrote {args.out}/{stem}.json and {stem}.md")
     return 0

@@ -199,16 +199,20 @@ def instance(
         )
         if start.returncode != 0:
             raise RuntimeError(f"postfix start failed: {start.stdout}{start.stderr}")
+        pid_file = base / "spool" / "pid" / "master.pid"
+        master_pid = 0
         try:
             if not wait_until(lambda: port_open("127.0.0.1", listen_port), 15):
                 raise RuntimeError(f"postfix smtpd did not listen; see {base}/maillog")
+            with contextlib.suppress(OSError, ValueError):
+                master_pid = int(pid_file.read_text().split()[0])
             yield Instance(listen_port, base)
         finally:
             subprocess.run(
                 [POSTFIX, "-c", str(etc), "stop"], capture_output=True, timeout=60, check=False
             )
-            pid_file = base / "spool" / "pid" / "master.pid"
-            wait_until(lambda: not pid_file.exists(), 15)
+            if master_pid:
+                wait_until(lambda: not Path(f"/proc/{master_pid}").exists(), 15)
 
 
 def inject(port: int, message_file: Path, count: int, sessions: int) -> float:

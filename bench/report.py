@@ -107,7 +107,8 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     r = ratios(results)
     lines = [
-        f"# formrelay benchmark ({'quick' if meta.get('quick') else 'full'})",
+        f"# formrelay benchmark ({'quick' if meta.get('quick') else 'full'})"
+        + (f" — what-if {meta['what_if']}, not the shipped code" if meta.get("what_if") else ""),
         "",
         f"{meta.get('date', '')} · {meta.get('cpus', '?')} CPUs · commit "
         f"{meta.get('commit', '?')} · N = {meta.get('n', '?')} messages of "
