@@ -410,7 +410,10 @@ def success(outbox_id: str, as_json: bool) -> Response:
         accepted = jsonify({"id": outbox_id, "status": "queued"})
         accepted.status_code = 202
         return accepted
-    target = state().settings.thanks_url or url_for("web.thanks", **page_args())
+    # RELAY_THANKS_URL is a page of the operator's site; inside an embedding iframe our own
+    # thank-you page stays, since it keeps reporting its height to embed.js.
+    thanks_url = state().settings.thanks_url
+    target = thanks_url if thanks_url and not is_embed() else url_for("web.thanks", **page_args())
     return make_response(redirect(target, 303))
 
 
