@@ -153,6 +153,8 @@ def test_thanks_url_setting_redirects_there_and_is_allowed_by_form_action(
     make_app: Callable[..., Flask],
 ) -> None:
     client = make_app(RELAY_THANKS_URL="https://shop.example.test/thanks.html").test_client()
+    embedded = client.post("/form?embed=1&lang=ja", data=valid_form())
+    assert embedded.headers["Location"] == "/thanks?lang=ja&embed=1"
     response = client.post("/form", data=valid_form())
     assert response.status_code == 303
     assert response.headers["Location"] == "https://shop.example.test/thanks.html"
