@@ -59,6 +59,11 @@ def gunicorn(
             "gunicorn",
             "-w",
             "2",
+            # As deploy/gunicorn.conf.py runs it: threaded workers.
+            "-k",
+            "gthread",
+            "--threads",
+            "2",
             "-b",
             f"127.0.0.1:{port}",
             "--access-logfile",
