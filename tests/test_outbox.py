@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 
 from relay.config import Settings
 from relay.errors import (
@@ -31,6 +33,7 @@ from relay.outbox import (
     detail_text,
     human_age,
     log_table,
+    metadata,
     parse_duration,
     reply_fields,
 )
@@ -642,3 +645,11 @@ def test_a_message_that_keeps_losing_its_worker_fails_by_age(
     assert detail.message.failure_reason is not None
     assert "interrupted" in detail.message.failure_reason
     assert [a.outcome for a in detail.attempts] == ["interrupted", "interrupted"]
+
+
+def test_migrations_match_the_tables(store: Outbox) -> None:
+    """The Alembic history builds exactly the schema the code queries."""
+    store.upgrade()
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
