@@ -230,8 +230,8 @@ def render_message_page(title: str, text: str, status: int) -> Response:
     return make_response(html, status)
 
 
-def json_errors(errors: Mapping[str, list[str]], status: int, **extra: Any) -> Response:
-    response = jsonify({"errors": dict(errors), **extra})
+def json_errors(errors: Mapping[str, list[str]], status: int) -> Response:
+    response = jsonify({"errors": dict(errors)})
     response.status_code = status
     return response
 
@@ -269,9 +269,9 @@ def embed_js() -> Response:
 
 def preflight() -> Response:
     """CORS preflight for the JSON API: allowed origins only, no credentials."""
-    origin = request.headers.get("Origin", "").lower()
+    origin = origin_of(request.headers.get("Origin", "")) or "-"
     if origin not in state().allowed_origins:
-        event(log, "form.origin_refused", origin=origin or "-", method="OPTIONS")
+        event(log, "form.origin_refused", origin=origin, method="OPTIONS")
         return make_response("", 403)
     response = make_response("", 204)
     response.headers["Access-Control-Allow-Methods"] = "POST"
@@ -534,6 +534,10 @@ def security_headers(response: Response) -> Response:
             f"frame-ancestors {ancestors}",
         ]
     )
+    if "Cache-Control" not in response.headers:
+        # Pages carry a per-response CSP nonce and depend on Accept-Language: never cache.
+        response.headers["Cache-Control"] = "no-store"
+        response.vary.add("Accept-Language")
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Referrer-Policy"] = "strict-origin-when-cross-origin"
     if request.is_secure:

@@ -522,6 +522,8 @@ def test_security_headers_on_every_page(client: FlaskClient, path: str) -> None:
     assert "X-Frame-Options" not in response.headers
     assert "Strict-Transport-Security" not in response.headers
     assert "Set-Cookie" not in response.headers
+    assert response.headers["Cache-Control"] == "no-store"
+    assert "Accept-Language" in response.headers["Vary"]
 
 
 def test_script_nonce_matches_the_csp(client: FlaskClient) -> None:
@@ -547,6 +549,7 @@ def test_embed_js_checks_origin_and_is_script(client: FlaskClient) -> None:
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("text/javascript")
     assert response.headers["Cross-Origin-Resource-Policy"] == "cross-origin"
+    assert response.headers["Cache-Control"] == "public, max-age=300"
     js = response.get_data(as_text=True)
     assert "event.origin !== base.origin" in js
     assert "event.source !== frame.contentWindow" in js
