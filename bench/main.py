@@ -206,59 +206,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             if "e2e" in args.sections or "drain" in args.sections:
                 built = world.build_messages(args.messages, base_settings)
-                timeout = max(120.0, args.messages / 5)
                 for section in ("e2e", "drain"):
-                    if section not in args.sections:
-                        continue
-                    rows: dict[str, Any] = {}
-                    for store in args.store_list[: 1 if args.quick else None]:
-                        name = "relay" if store == "sqlite" else f"relay_{store}"
-                        log(f"{section}: relay ({store}), {len(built)} messages")
-                        folder = work / f"{section}-{store}"
-                        with database(store, folder) as url:
-                            env = env_for(url, folder)
-
-                            def make_outbox(url: str = url) -> Any:
-                                outbox = Outbox(url)
-                                outbox.upgrade()
-                                return outbox
-
-                            fn = pipeline.relay_e2e if section == "e2e" else pipeline.relay_drain
-                            spy = work / f"profile-{section}-{store}.txt" if args.profile else None
-                            try:
-                                rows[name] = fn(
-                                    make_outbox,
-                                    built,
-                                    env,
-                                    folder,
-                                    verify,
-                                    timeout=timeout,
-                                    profile_to=spy,
-                                )
-                                if spy is not None:
-                                    profiles[f"worker {section} {store}"] = profile.summarise([spy])
-                            except Exception as exc:
-                                rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                    for name, key_pem in (("postfix_opendkim", keys.rsa_pem), ("postfix", None)):
-                        if section == "drain" and key_pem is None:
-                            continue
-                        if reference is not None:
-                            rows[name] = {"error": reference}
-                            continue
-                        log(f"{section}: {name}, {len(built)} messages")
-                        try:
-                            rows[name] = pipeline.postfix_run(
-                                work / f"{section}-{name}",
-                                raw,
-                                len(built),
-                                key_pem,
-                                verify,
-                                drain=section == "drain",
-                                timeout=timeout,
-                            )
-                        except Exception as exc:
-                            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                    results[section] = rows
+                    if section in args.sections:
+                        results[section] = delivery_section(
+                            args, section, work, built, keys, env_for, verify, profiles
+                        )
     finally:
         if args.keep:
             log(f"kept {work}")
@@ -268,6 +220,71 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if profiles:
         results["profile"] = profiles
     return results
+
+
+def delivery_section(
+    args: argparse.Namespace,
+    section: str,
+    work: Path,
+    built: list[Any],
+    keys: world.Keys,
+    env_for: Callable[..., dict[str, str]],
+    verify: Callable[[bytes], bool],
+    profiles: dict[str, Any],
+) -> dict[str, Any]:
+    """e2e or drain: the relay on each store (SQLite only with --quick), then Postfix with
+    OpenDKIM and (e2e only) without."""
+    rows: dict[str, Any] = {}
+    timeout = max(120.0, len(built) / 5)
+    for store in args.store_list[: 1 if args.quick else None]:
+        name = "relay" if store == "sqlite" else f"relay_{store}"
+        log(f"{section}: relay ({store}), {len(built)} messages")
+        folder = work / f"{section}-{store}"
+        spy = work / f"profile-{section}-{store}.txt" if args.profile else None
+        fn = pipeline.relay_e2e if section == "e2e" else pipeline.relay_drain
+        try:
+            with database(store, folder) as url:
+
+                def make_outbox(url: str = url) -> Outbox:
+                    outbox = Outbox(url)
+                    outbox.upgrade()
+                    return outbox
+
+                rows[name] = fn(
+                    make_outbox,
+                    built,
+                    env_for(url, folder),
+                    folder,
+                    verify,
+                    timeout=timeout,
+                    profile_to=spy,
+                )
+            if spy is not None:
+                profiles[f"worker {section} {store}"] = profile.summarise([spy])
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    problem = postfix.available()
+    raw = built[0].raw
+    for name, key_pem in (("postfix_opendkim", keys.rsa_pem), ("postfix", None)):
+        if section == "drain" and key_pem is None:
+            continue
+        if problem is not None:
+            rows[name] = {"error": problem}
+            continue
+        log(f"{section}: {name}, {len(built)} messages")
+        try:
+            rows[name] = pipeline.postfix_run(
+                work / f"{section}-{name}",
+                raw,
+                len(built),
+                key_pem,
+                verify,
+                drain=section == "drain",
+                timeout=timeout,
+            )
+        except Exception as exc:
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    return rows
 
 
 def accept_section(

@@ -7,8 +7,8 @@ service unchrooted), queue_directory, data_directory and maillog_file; smtpd lis
 Postfix must do its OWN MX lookup, as the relay does (a transport_maps relay would not count).
 Postfix resolves through glibc, which reads /etc/resolv.conf and cannot name a port, so the
 instance is started inside a private mount namespace (`unshare --mount`) in which a
-resolv.conf naming 127.0.53.1 is bind-mounted over /etc/resolv.conf; bench.peers answers for
-the test zone on 127.0.53.1:53. The machine's own /etc/resolv.conf is never touched, and
+resolv.conf naming 127.53.x.y (picked per run) is bind-mounted over /etc/resolv.conf; bench.peers
+answers for the test zone there on port 53. The machine's own /etc/resolv.conf is never touched, and
 every process of the instance inherits the namespace. The MX (the sink) listens on a free
 port, which Postfix's smtp client uses through smtp_tcp_port.
 

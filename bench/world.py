@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,9 @@ from relay.message import BuiltMessage, Submission, build_message
 from tests.conftest import FROM_DOMAIN, MX_IP, SITEKEY, SUPPORT_DOMAIN, world_zone
 from tests.peers.captcha import TEST_SECRET
 
-PORT53_HOST = "127.0.53.1"
+# Where the reference's resolver finds the zone on port 53: a loopback address of its own per
+# run (all of 127.0.0.0/8 is local on Linux), so two runs never collide.
+PORT53_HOST = f"127.53.{secrets.randbelow(254) + 1}.{secrets.randbelow(254) + 1}"
 MESSAGE_SIZE = 1500
 
 
