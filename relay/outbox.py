@@ -56,6 +56,7 @@ Status = Literal["queued", "sending", "deferred", "delivered", "failed"]
 STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed")
 DUE_STATUSES = ("queued", "deferred", "sending")
 MIGRATION_LOCK_KEY = 0x7265_6C61_7900  # "relay\0": pg_advisory_xact_lock for migrations
+NOTIFY_CHANNEL = "relay_outbox"  # PostgreSQL: NOTIFY at commit wakes idle workers at once
 SQLITE_BUSY_TIMEOUT = 5.0  # seconds a write waits for SQLite's lock before StoreUnavailable
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Alembic keeps its migration context in module globals: one migration at a time per process.
@@ -533,6 +534,17 @@ class Outbox:
     def dialect(self) -> str:
         return sa.make_url(self.url).get_backend_name()
 
+    def listen_url(self) -> str | None:
+        """A libpq URL for LISTEN on PostgreSQL; None for SQLite (workers poll)."""
+        if self.dialect != "postgresql":
+            return None
+        url = sa.make_url(self.url).set(drivername="postgresql")
+        return url.render_as_string(hide_password=False)
+
+    def _notify(self, conn: Connection) -> None:
+        if self.dialect == "postgresql":
+            conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+
     @property
     def engine(self) -> Engine:
         with self._lock:
@@ -609,6 +621,7 @@ class Outbox:
                     possible_duplicate=False,
                 )
             )
+            self._notify(conn)
         return outbox_id
 
     def ping(self) -> None:
@@ -961,14 +974,16 @@ class Outbox:
             exists = conn.execute(sa.select(m.status).where(m.id == outbox_id)).first()
             if exists is None:
                 raise MessageNotFound(outbox_id)
-            return bool(conn.execute(self._retry_update().where(m.id == outbox_id)).rowcount)
+            changed = conn.execute(self._retry_update().where(m.id == outbox_id)).rowcount
+            self._notify(conn)
+            return bool(changed)
 
     def retry_failed(self) -> int:
         """Make every failed message due now."""
         with self._tx() as conn:
-            return int(
-                conn.execute(self._retry_update().where(messages.c.status == "failed")).rowcount
-            )
+            changed = conn.execute(self._retry_update().where(messages.c.status == "failed"))
+            self._notify(conn)
+            return int(changed.rowcount)
 
     def _retry_update(self) -> sa.Update:
         m = messages.c

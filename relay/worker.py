@@ -23,12 +23,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import psycopg
+
 from relay import doctor, smtp
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
 from relay.mx import make_resolver
-from relay.outbox import AttemptLike, Claimed, Decision, HostTryLike, Outbox, RetryPolicy
+from relay.outbox import (
+    NOTIFY_CHANNEL,
+    AttemptLike,
+    Claimed,
+    Decision,
+    HostTryLike,
+    Outbox,
+    RetryPolicy,
+)
 from relay.outbox import reply_fields as _reply_fields
 from relay.signing import Signer
 
@@ -92,6 +102,9 @@ class Worker:
         self._sign = sign
         self._resolver = resolver
         self._stop: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self.listening: asyncio.Event | None = None
+        self.claims = 0  # claim queries made: lets tests know the loop went idle
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self.attempts_made = 0
 
@@ -126,9 +139,12 @@ class Worker:
     async def run(self, *, once: bool = False) -> None:
         """Claim and deliver until stopped; with `once`, until nothing is due any more."""
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self.listening = asyncio.Event()
         concurrency = self.settings.worker_concurrency
         event(log, "worker.started", id=self.id, concurrency=concurrency, lease=int(self.lease))
         heartbeat = asyncio.create_task(self._heartbeat())
+        listener = asyncio.create_task(self._listen())
         failures = 0
         try:
             while not self._stop.is_set():
@@ -157,25 +173,32 @@ class Worker:
                             error=str(exc),
                             retry_in=round(timeout, 1),
                         )
+                self.claims += 1
                 for item in claimed:
                     self._start(item)
                 if once and not claimed and not self._inflight:
                     break
                 if len(claimed) == free or (once and self._inflight):
                     timeout = None  # every slot is busy (or nothing more is due): wait for one
-                # Wake when an attempt ends, on stop, or after a short poll for new mail.
+                # Wake when an attempt ends, on stop, on a NOTIFY, or after a short poll.
                 waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
-                stop_wait = asyncio.ensure_future(self._stop.wait())
-                waiters.add(stop_wait)
+                signals = [
+                    asyncio.ensure_future(self._stop.wait()),
+                    asyncio.ensure_future(self._wake.wait()),
+                ]
+                waiters.update(signals)
                 await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                stop_wait.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stop_wait
+                self._wake.clear()
+                for waiter in signals:
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
         finally:
             await self._drain()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in (heartbeat, listener):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
 
     def _start(self, item: Claimed) -> None:
@@ -199,6 +222,30 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _listen(self) -> None:
+        """PostgreSQL: wake the claim loop as soon as mail is queued (enqueue and retry NOTIFY
+        at commit). Purely a shortcut: the short poll stays, so a lost listener loses nothing."""
+        url = self.outbox.listen_url()
+        if url is None:
+            return
+        delay = 1.0
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    assert self.listening is not None
+                    self.listening.set()
+                    delay = 1.0
+                    async for _notify in conn.notifies():
+                        if self._wake is not None:
+                            self._wake.set()
+            except psycopg.Error as exc:
+                event(log, "worker.listen_failed", logging.WARNING, error=str(exc), retry_in=delay)
+            if self.listening is not None:
+                self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(30.0, delay * 2)
 
     async def _heartbeat(self) -> None:
         while True:

@@ -320,6 +320,31 @@ async def test_heartbeat_renews_the_lease_of_a_long_attempt(
         store.dispose()
 
 
+async def test_postgres_notify_wakes_an_idle_worker(
+    postgres_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    """With a poll far longer than the test, only enqueue's NOTIFY can start the delivery."""
+    settings = make_settings()
+    store = Outbox(postgres_url)
+    try:
+        store.ping()
+        deliver = ScriptedDeliver(delivered())
+        worker = Worker(store, settings, deliver=deliver, poll_interval=3600)
+        task = asyncio.create_task(worker.run())
+        async with asyncio.timeout(20):
+            while worker.listening is None or not worker.listening.is_set() or worker.claims < 1:
+                await asyncio.sleep(0.02)
+            outbox_id = await asyncio.to_thread(store.enqueue, built(settings))
+            while store.get(outbox_id).status != "delivered":
+                assert not task.done()
+                await asyncio.sleep(0.05)
+        assert len(deliver.calls) == 1
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+    finally:
+        store.dispose()
+
+
 # --- end to end: real signing, DNS and SMTP ------------------------------------------------
 
 
