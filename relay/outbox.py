@@ -1178,7 +1178,8 @@ def detail_text(detail: MessageDetail, now: datetime) -> str:
         f"envelope from:  {m.envelope_from}",
         f"subject:        {m.subject}",
         f"created:        {_when(m.created_at)} ({human_age(now - m.created_at)} ago)",
-        f"attempts:       {m.attempts}",
+        f"attempts:       {m.attempts} (first {_when(m.first_attempt_at)}, "
+        f"last {_when(m.last_attempt_at)})",
         f"next try:       {next_try(m, now)}",
     ]
     if m.last_reply:
@@ -1202,11 +1203,16 @@ def detail_text(detail: MessageDetail, now: datetime) -> str:
             lines.append(f"  reply: {reply}")
         for h in a.hosts:
             where = f"[{h.ip}]:{h.port}" if h.ip else f":{h.port}"
-            code = " ".join(str(x) for x in (h.code, h.enhanced_status) if x)
-            lines.append(
-                f"  - {h.mx_host} {where} tls={h.tls or 'none'} stage={h.stage} "
-                f"{code} {h.text} ({h.duration:.2f}s)".replace("  ", " ")
-            )
+            parts = [
+                f"  - {h.mx_host} {where}",
+                f"tls={h.tls or 'none'}",
+                f"stage={h.stage}",
+                str(h.code or ""),
+                h.enhanced_status or "",
+                h.text,
+                f"({h.duration:.2f}s)",
+            ]
+            lines.append(" ".join(p for p in parts if p))
     return "\n".join(lines)
 
 
