@@ -17,6 +17,7 @@ schedule.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.policy
 import logging
 import re
@@ -262,6 +263,7 @@ class Decision:
     status: Status
     next_attempt_at: datetime | None = None
     reason: str | None = None
+    applied: bool = True  # False: another worker had taken the message over meanwhile
 
 
 def decide(
@@ -895,6 +897,7 @@ class Outbox:
                 messages.update().where(m.id == claimed.id, owned).values(**values)
             ).rowcount
             if not updated:
+                decision = dataclasses.replace(decision, applied=False)
                 log_event(
                     log,
                     "delivery.lease_lost",

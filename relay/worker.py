@@ -269,7 +269,7 @@ class Worker:
             await self._release_cut_off(item)
             raise
         decision = await self._record(item, result, started)
-        if decision is not None:
+        if decision is not None and decision.applied:
             self._log_outcome(item, result, decision)
 
     async def _sign_and_deliver(self, item: Claimed) -> AttemptLike:

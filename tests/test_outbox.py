@@ -429,7 +429,7 @@ def test_lost_lease_does_not_overwrite_the_new_owner(
     (stale,) = store.claim("w1", 1, 30)
     clock.advance(31)
     store.claim("w2", 1, 30)
-    store.record_attempt(stale, greylisted(), owner="w1", policy=POLICY)
+    assert not store.record_attempt(stale, greylisted(), owner="w1", policy=POLICY).applied
     row = store.get(outbox_id)
     assert row.status == "sending"
     assert row.lease_owner == "w2"
