@@ -537,10 +537,13 @@ async def test_startup_checks_log_the_doctor_findings(
     make_settings: Callable[..., Settings],
     world_dns: DNSZoneServer,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = make_settings(
         RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_HELO_HOSTNAME="mail.nowhere.test"
     )
+    # A CLI test earlier in the run may have pointed the relay logger at its own stderr.
+    monkeypatch.setattr(logging.getLogger("relay"), "propagate", True)
     caplog.set_level(logging.INFO, logger="relay")
     await startup_checks(settings, make_resolver(settings))
     lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
