@@ -157,3 +157,16 @@ def test_relative_links_resolve(document: str) -> None:
         pytest.fail(f"{document} is missing")
     for target in re.findall(r"\]\((?!https?://|#|mailto:)([^)#\s]+)", path.read_text()):
         assert (path.parent / target).exists(), f"{document} links to missing {target}"
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/operations.md"])
+def test_section_links_resolve(document: str) -> None:
+    """`[...](#anchor)` points at a heading, with GitHub's slug rules."""
+    text = (ROOT / document).read_text()
+    text_without_code = re.sub(r"```.*?```", "", text, flags=re.S)
+    slugs = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", text_without_code, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        slugs.add(slug)
+    for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+        assert anchor in slugs, f"{document} links to #{anchor}, which is no heading"
