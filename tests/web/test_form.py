@@ -691,3 +691,25 @@ def test_captcha_host_is_the_public_url_host_not_the_host_header(
     response = client.post("/form", json=valid_form(), headers={"Host": "attacker.test"})
     assert response.status_code == 202
     assert seen == [{"forms.shop.test", "localhost", "partner.test"}]
+
+
+def test_an_unexpected_failure_is_a_friendly_500_without_details(
+    web_settings: Settings, outbox: Outbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken:
+        def verify(self, token: str, *, remoteip: str | None, hostnames: object) -> None:
+            raise RuntimeError("secret internals")
+
+    client = create_app(web_settings, outbox=outbox, verifier=Broken()).test_client()
+    html = client.post("/form?lang=ja", data=valid_form())
+    assert html.status_code == 500
+    page = html.get_data(as_text=True)
+    assert "こちら側で問題が発生しました。もう一度お試しください。" in page
+    assert "secret internals" not in page
+    as_json = client.post("/form", json=valid_form())
+    assert as_json.status_code == 500
+    assert as_json.get_json() == {
+        "errors": {"form": ["Something went wrong on our side. Please try again."]}
+    }
+    assert "web.error" in caplog.text
+    assert queued(outbox) == []
