@@ -148,7 +148,14 @@ def commit() -> str:
         text=True,
         check=False,
     )
-    return out.stdout.strip() or "?"
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "relay"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    # Others edit relay/ in the same tree: say when the measured code is not the commit.
+    return (out.stdout.strip() or "?") + ("+uncommitted relay/ changes" if dirty else "")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

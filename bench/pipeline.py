@@ -194,7 +194,13 @@ def postfix_run(
         row["dkim_valid"] = _check(sink, verify) if key_pem else None
         row["notes"] = (
             "DKIM " + ("valid" if row["dkim_valid"] else "NOT valid") if key_pem else "unsigned"
-        ) + ("; clock starts at the flush" if drain else "; smtp-source, 8 sessions")
+        ) + (
+            "; smtp-source, 8 sessions"
+            if not drain
+            else "; clock starts at the flush; OpenDKIM signed at receipt, before the clock"
+            if key_pem
+            else "; clock starts at the flush"
+        )
     return row
 
 
