@@ -212,22 +212,7 @@ RAW_BODIES = {
 }
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [
-        pytest.param(
-            kind,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="relay/web.py: request.get_json(silent=True) lets RecursionError out "
-                "of a deeply nested JSON body: a 500 (docs/reliability.md)",
-            ),
-        )
-        if kind == "json-deep"
-        else kind
-        for kind in sorted(RAW_BODIES)
-    ],
-)
+@pytest.mark.parametrize("kind", sorted(RAW_BODIES))
 def test_raw_bodies_never_500(kind: str, visitor: Visitor, outbox: Outbox) -> None:
     """Bodies no form ever sends: invalid UTF-8, wrong JSON shapes, broken multipart."""
     reply = visitor.post({}, raw_body=RAW_BODIES[kind])

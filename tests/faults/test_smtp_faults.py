@@ -9,6 +9,7 @@ a lost database connection) run on both stores in their own modules.
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from relay.outbox import Outbox
 from tests.conftest import MX_IP, SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler, FaultPeer
 from tests.faults.corpus import VALID
-from tests.faults.harness import Proc, Visitor, message_id_of, wait_status
+from tests.faults.harness import Proc, Visitor, message_id_of, run_relay, wait_status
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import HANG, SMTPPeer
 
@@ -159,6 +160,7 @@ def test_5xx_greeting_on_mx1_is_delivered_by_mx2(
     mx_handler: FaultHandler,
     mx_server: SMTPPeer,
     mx2_server: SMTPPeer,
+    workdir: Path,
 ) -> None:
     fault_dns.remove(SUPPORT_DOMAIN, "MX")
     fault_dns.add(f"{SUPPORT_DOMAIN}. 300 IN MX 10 {MX1}.\n{SUPPORT_DOMAIN}. 300 IN MX 20 {MX2}.\n")
@@ -174,6 +176,16 @@ def test_5xx_greeting_on_mx1_is_delivered_by_mx2(
     assert attempt.mx_host == MX2
     assert mx_server.messages == []
     assert len(mx2_server.messages) == 1
+    # The operator sees the same story: both hosts in `relay show`, the MX in `relay log`.
+    shown = run_relay(["show", outbox_id], relay_env, workdir)
+    assert shown.returncode == 0, shown.stderr
+    assert "554" in shown.stdout
+    assert MX1 in shown.stdout
+    assert MX2 in shown.stdout
+    listed = run_relay(["log", "--json"], relay_env, workdir)
+    assert listed.returncode == 0, listed.stderr
+    (entry,) = [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+    assert (entry["id"], entry["status"], entry["last_mx"]) == (outbox_id, "delivered", MX2)
 
 
 def test_silent_server_times_out_within_the_configured_bound(
