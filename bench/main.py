@@ -209,7 +209,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
             if "accept" in args.sections:
-                results["accept"] = accept_section(args, work, env_for, run_id, profiles)
+                results["accept"] = accept_section(
+                    args, work, env_for, run_id, profiles, peers.proc.pid
+                )
 
             if "e2e" in args.sections or "drain" in args.sections:
                 built = world.build_messages(args.messages, base_settings)
@@ -300,6 +302,7 @@ def accept_section(
     env_for: Callable[..., dict[str, str]],
     run_id: str,
     profiles: dict[str, Any],
+    peers_pid: int,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     problem = accept.available()
@@ -317,6 +320,7 @@ def accept_section(
                     store = Outbox(url)
                     store.upgrade()
                 app = "bench.bare_app:app" if target == "bare" else "relay:create_app()"
+                peers_cpu = pipeline.cpu_seconds(peers_pid)
                 out[target] = accept.measure(
                     app,
                     env,
@@ -334,7 +338,15 @@ def accept_section(
                         sorted(folder.glob("profile.*.txt"))
                     )
                 if target != "bare":
-                    out[target]["outbox"] = store.counts()
+                    counts = store.counts()
+                    out[target]["outbox"] = counts
+                    # The Python stand-ins share the 2 cores with the server under test.
+                    out[target]["peers_cpu_ms_per_accepted"] = round(
+                        (pipeline.cpu_seconds(peers_pid) - peers_cpu)
+                        / max(1, sum(counts.values()))
+                        * 1000,
+                        2,
+                    )
                     store.dispose()
         except Exception as exc:
             out[target] = {"error": f"{type(exc).__name__}: {exc}"}
