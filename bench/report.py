@@ -146,6 +146,18 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {target} | {run['clients']} | {_fmt(run['rps'])} | {run['p50_ms']} "
                     f"| {run['p99_ms']} | {_fmt(vs)} | {statuses} | {errors} |"
                 )
+        stand_ins = {
+            target: section["peers_cpu_ms_per_accepted"]
+            for target, section in accept.items()
+            if isinstance(section, dict) and "peers_cpu_ms_per_accepted" in section
+        }
+        if stand_ins:
+            lines += [
+                "",
+                "CPU of the siteverify and DNS stand-ins per accepted submission: "
+                + ", ".join(f"{t} {v} ms" for t, v in stand_ins.items())
+                + ".",
+            ]
     for section, title in (
         ("e2e", "end to end: accept while delivering"),
         ("drain", "drain: N already queued"),
