@@ -245,7 +245,11 @@ class SupportMailbox:
         with self.lock:
             key = self.maildir.add(mailbox.MaildirMessage(stored))
             first = min(
-                (t for (p, s, _r), t in self.first_seen.items() if p == peer and s == mail_from),
+                (
+                    t
+                    for (p, s, _r), t in self.first_seen.items()
+                    if p == peer and s == mail_from.lower()
+                ),
                 default=None,
             )
         delivered = Delivered(
