@@ -1,17 +1,19 @@
 """sign: the cost of one DKIM signature, ours against raw OpenSSL and pure dkimpy.
 
-Each case signs the same ~1.5 kB message over and over for a fixed time (after a warm-up)
-and reports microseconds per message: the best of five slices (the mean is kept too). The
-raw case is what cannot be avoided: one RSA-2048 PKCS#1 v1.5 signature over SHA-256 through
-OpenSSL (the cryptography package), the floor for any RSA DKIM signer.
+Each case signs the same ~1.5 kB message over and over. The cases take turns in short
+slices (round robin, several rounds), so a burst of load from other processes hits them all
+alike, and each reports its best slice in microseconds per message (the mean is kept too).
+The raw case is what cannot be avoided: one RSA-2048 PKCS#1 v1.5 signature over SHA-256
+through OpenSSL (the cryptography package), the floor for any RSA DKIM signer.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dkim
@@ -19,89 +21,47 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from bench.world import Keys
+from relay.config import Settings
 from relay.signing import Signer
 
 SIGNED_HEADERS = [b"from", b"to", b"reply-to", b"subject", b"date", b"message-id"]
+ROUNDS = 5
 
 
-def _rate(fn: Callable[[], object], seconds: float, rounds: int = 5) -> dict[str, Any]:
-    """Time per call: the best of `rounds` equal slices of `seconds` (the least disturbed by
-    other processes on a shared machine), and the mean over all of them."""
-    for _ in range(5):
-        fn()
-    slices: list[float] = []
-    total_count = 0
-    total_time = 0.0
-    for _ in range(rounds):
-        count = 0
-        started = time.perf_counter()
-        deadline = started + seconds / rounds
-        while True:
-            fn()
-            count += 1
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-        slices.append((now - started) / count)
-        total_count += count
-        total_time += now - started
-    best = min(slices)
-    return {
-        "us_per_message": round(best * 1e6, 1),
-        "per_second": round(1 / best),
-        "mean_us_per_message": round(total_time / total_count * 1e6, 1),
-    }
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
-def run(keys: Keys, raw: bytes, settings: Any | None, *, seconds: float) -> dict[str, Any]:
-    results: dict[str, Any] = {}
+@contextlib.contextmanager
+def _pem_parsed_once() -> Iterator[None]:
+    """A what-if, not the shipped signer: dkimpy's per-call PEM parse made free (cached), to
+    size the fix proposed in docs/performance.md. dkim's module global is restored after."""
+    original = dkim.parse_pem_private_key
+    dkim.parse_pem_private_key = functools.lru_cache(maxsize=4)(original)
+    try:
+        yield
+    finally:
+        dkim.parse_pem_private_key = original
+
+
+Case = tuple[Callable[[], object], Callable[[], contextlib.AbstractContextManager[None]]]
+
+
+def cases(keys: Keys, raw: bytes, settings: Settings) -> dict[str, Case]:
     rsa_key = serialization.load_pem_private_key(keys.rsa_pem, password=None)
     ed_key = serialization.load_pem_private_key(keys.ed_pem, password=None)
     assert isinstance(rsa_key, rsa.RSAPrivateKey)
     assert isinstance(ed_key, ed25519.Ed25519PrivateKey)
     # What a DKIM signer hands to RSA: the canonical signed headers, about this long.
     to_sign = raw.split(b"\r\n\r\n", 1)[0][:600]
-    results["openssl_rsa2048_raw"] = _rate(
-        lambda: rsa_key.sign(to_sign, padding.PKCS1v15(), hashes.SHA256()), seconds
+    ed_b64 = base64.b64encode(
+        ed_key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
     )
-    results["openssl_ed25519_raw"] = _rate(lambda: ed_key.sign(to_sign), seconds)
-    rsa_pem = keys.rsa_pem
-    results["dkimpy_rsa2048"] = _rate(
-        lambda: dkim.sign(
-            raw,
-            b"s1",
-            b"relay.test",
-            rsa_pem,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=SIGNED_HEADERS,
-        ),
-        seconds,
-    )
-    ed_raw_key = ed_key.private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    ed_b64 = base64.b64encode(ed_raw_key)
-    results["dkimpy_ed25519"] = _rate(
-        lambda: dkim.sign(
-            raw,
-            b"e1",
-            b"relay.test",
-            ed_b64,
-            signature_algorithm=b"ed25519-sha256",
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=SIGNED_HEADERS,
-        ),
-        seconds,
-    )
-    results.update(_ours(settings, raw, seconds))
-    return results
-
-
-def _ours(settings: Any | None, raw: bytes, seconds: float) -> dict[str, Any]:
-    """relay.signing.Signer with the RSA key only, with both keys, and native=False."""
-    if settings is None:
-        return {"ours": {"error": "no settings"}}
-    out: dict[str, Any] = {}
     rsa_only = settings.model_copy(
         update={
             "dkim_ed25519_selector": None,
@@ -109,29 +69,64 @@ def _ours(settings: Any | None, raw: bytes, seconds: float) -> dict[str, Any]:
             "dkim_ed25519_key_pem": None,
         }
     )
-    cases: dict[str, tuple[Any, dict[str, Any]]] = {
-        "ours_rsa2048": (rsa_only, {}),
-        "ours_rsa2048_ed25519": (settings, {}),
-        "ours_rsa2048_pure_dkimpy": (rsa_only, {"native": False}),
+    ours = Signer.from_settings(rsa_only)
+    both = Signer.from_settings(settings)
+    pure = Signer.from_settings(rsa_only, native=False)
+
+    def dkimpy(selector: bytes, key: bytes, algorithm: bytes) -> object:
+        return dkim.sign(
+            raw,
+            selector,
+            b"relay.test",
+            key,
+            signature_algorithm=algorithm,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=SIGNED_HEADERS,
+        )
+
+    return {
+        "openssl_rsa2048_raw": (
+            lambda: rsa_key.sign(to_sign, padding.PKCS1v15(), hashes.SHA256()),
+            _nothing,
+        ),
+        "openssl_ed25519_raw": (lambda: ed_key.sign(to_sign), _nothing),
+        "dkimpy_rsa2048": (lambda: dkimpy(b"s1", keys.rsa_pem, b"rsa-sha256"), _nothing),
+        "dkimpy_ed25519": (lambda: dkimpy(b"e1", ed_b64, b"ed25519-sha256"), _nothing),
+        "ours_rsa2048": (lambda: ours.sign(raw), _nothing),
+        "ours_rsa2048_ed25519": (lambda: both.sign(raw), _nothing),
+        "ours_rsa2048_pure_dkimpy": (lambda: pure.sign(raw), _nothing),
+        "whatif_ours_rsa2048_pem_parsed_once": (lambda: ours.sign(raw), _pem_parsed_once),
     }
-    for name, (cfg, kwargs) in cases.items():
-        try:
-            signer = Signer.from_settings(cfg, **kwargs)
-        except TypeError as exc:  # no `native` keyword in this version of the signer
-            out[name] = {"error": str(exc)}
-            continue
-        out[name] = _rate(lambda s=signer: s.sign(raw), seconds)
-    out["whatif_ours_rsa2048_pem_parsed_once"] = _pem_parsed_once(rsa_only, raw, seconds)
-    return out
 
 
-def _pem_parsed_once(settings: Any, raw: bytes, seconds: float) -> dict[str, Any]:
-    """A what-if, not the shipped signer: dkimpy's per-call PEM parse made free (cached), to
-    size the fix proposed in docs/performance.md. dkim's module global is restored after."""
-    original = dkim.parse_pem_private_key
-    dkim.parse_pem_private_key = functools.lru_cache(maxsize=4)(original)
-    try:
-        signer = Signer.from_settings(settings)
-        return _rate(lambda: signer.sign(raw), seconds)
-    finally:
-        dkim.parse_pem_private_key = original
+def run(keys: Keys, raw: bytes, settings: Settings, *, seconds: float) -> dict[str, Any]:
+    """`seconds` per case in all, split into ROUNDS slices taken in turn."""
+    table = cases(keys, raw, settings)
+    slices: dict[str, list[tuple[int, float]]] = {name: [] for name in table}
+    for fn, context in table.values():
+        with context():
+            fn()  # warm-up: first-call caches, key loading
+    for _ in range(ROUNDS):
+        for name, (fn, context) in table.items():
+            with context():
+                count = 0
+                started = time.perf_counter()
+                deadline = started + seconds / ROUNDS
+                while True:
+                    fn()
+                    count += 1
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        break
+            slices[name].append((count, now - started))
+    results: dict[str, Any] = {}
+    for name, taken in slices.items():
+        best = min(elapsed / count for count, elapsed in taken)
+        total_count = sum(count for count, _ in taken)
+        total_time = sum(elapsed for _, elapsed in taken)
+        results[name] = {
+            "us_per_message": round(best * 1e6, 1),
+            "per_second": round(1 / best),
+            "mean_us_per_message": round(total_time / total_count * 1e6, 1),
+        }
+    return results
