@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--stores", default="sqlite,postgres", help="stores for accept and e2e (sqlite,postgres)"
     )
     parser.add_argument("--concurrency", default="1,8,32", help="accept clients (1,8,32)")
+    parser.add_argument(
+        "--worker-concurrency", type=int, help="RELAY_WORKER_CONCURRENCY for e2e/drain (10)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
     parser.add_argument(
@@ -177,6 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def env_for(url: str, folder: Path, **extra: str) -> dict[str, str]:
                 if args.what_if:
                     extra["PYTHONPATH"] = str(ROOT / "bench" / "whatif")
+                if args.worker_concurrency:
+                    extra["RELAY_WORKER_CONCURRENCY"] = str(args.worker_concurrency)
                 return pipeline.environ(
                     world.relay_env(
                         keys,
