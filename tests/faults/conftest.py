@@ -42,8 +42,8 @@ UNLIMITED = "1000000/minute"
 class FaultHandler(ScriptedHandler):
     """The scripted MX plus the faults a process-kill test needs to park a worker in place.
 
-    - `hang_mid_data`: answer 354, read a little of the data, then never read or answer again
-      (the worker is stuck inside DATA; the server never has the whole message);
+    - `hang_mid_data`: answer 354, read 64 bytes of the data, then never read or answer again
+      (the server never has the whole message; the worker waits inside DATA);
     - `accept_then_hang`: take the whole message (it counts as received), then never answer
       the final "." (the reply is lost: a retry is a duplicate);
     - `greylist_each_message`: 451 at DATA for the first sight of each Message-ID, so every
