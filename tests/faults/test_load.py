@@ -5,7 +5,6 @@ message, and the worker's memory stays flat after a warm-up (a leak check, not a
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import Counter
@@ -28,15 +27,7 @@ from tests.faults.harness import (
 )
 from tests.peers.smtp import SMTPPeer
 
-# SQLite by default: the embedded store, where the web and the worker contend for one write
-# lock. FAULTS_LOAD_ALL_STORES=1 adds PostgreSQL (about two more minutes).
-STORES = ["sqlite", "postgres"] if os.environ.get("FAULTS_LOAD_ALL_STORES") == "1" else ["sqlite"]
-
-pytestmark = [
-    pytest.mark.faults,
-    pytest.mark.slow,
-    pytest.mark.parametrize("database_url", STORES, indirect=True),
-]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 TOTAL = 1000
 WARM_UP = 150
