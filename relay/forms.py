@@ -1,7 +1,8 @@
 """The contact form: reading untrusted input and validating every field.
 
-Reading never fails with a 500: a body that is not a JSON object, values of the wrong type and
-invalid UTF-8 become field errors (werkzeug decodes form bodies with replacement characters).
+Reading never fails with a 500: a body that is not a JSON object and values of the wrong type
+become field errors. Percent-encoded bytes that are not UTF-8 are kept by werkzeug as the literal
+text (`%FF`), so they reach the message as visible, harmless characters.
 Validation is strict where the message builder is lenient: a control character is an error
 shown to the visitor, not something silently stripped from their message.
 
