@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -504,6 +505,9 @@ def run(folder: Path, *, smoke: bool = False, timeout: float = 60.0) -> int:
     def delivered(item: Delivered) -> None:
         out(describe(item))
 
+    # SIGTERM (a process manager, `kill`) stops the demo the same clean way as Ctrl-C, at
+    # any phase: the sandbox's context managers stop worker, web, mailbox and DNS.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with sandbox(folder, on_greylisted=greylisted, on_delivered=delivered) as box:
             out(banner(box, folder))
@@ -514,15 +518,20 @@ def run(folder: Path, *, smoke: bool = False, timeout: float = 60.0) -> int:
     except ConfigError as exc:
         print(f"relay demo: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nstopped: worker, web, mailbox and DNS are down.", flush=True)
+        return 130 if smoke else 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _serve_until_interrupted() -> int:
-    try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("\nstopping: worker, web, mailbox, DNS ...", flush=True)
-    return 0
+    while True:
+        time.sleep(0.5)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _smoke(box: Sandbox, out: Callable[[str], None], timeout: float) -> int:

@@ -76,6 +76,37 @@ def test_smoke_delivers_through_the_greylist_with_dkim_and_spf_passing(tmp_path:
     assert ((tmp_path / "demo" / "dkim-rsa.pem").stat().st_mode & 0o777) == 0o600
 
 
+@pytest.mark.slow
+def test_interactive_demo_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """A process manager's SIGTERM takes the same clean path as Ctrl-C: exit 0."""
+    proc = subprocess.Popen(
+        [str(RELAY), "demo", "--folder", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=_clean_env(),
+    )
+    assert proc.stdout is not None
+    try:
+        banner = ""
+        deadline = time.monotonic() + 60
+        while "Form:" not in banner and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner += line
+        assert "Form:        http://127.0.0.1:" in banner, banner
+        proc.terminate()
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, banner + rest
+    assert "stopped: worker, web, mailbox and DNS are down." in rest
+
+
 def test_demo_refuses_a_production_environment(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(RELAY), "demo", "--smoke", "--folder", str(tmp_path / "demo")],
