@@ -28,6 +28,7 @@ from dkim.util import parse_tag_value
 
 from relay.config import domain_of
 from relay.logs import event
+from relay.sandbox.smtpserver import ThreadedSMTPServer
 
 log = logging.getLogger("relay.sandbox.mailbox")
 
@@ -186,8 +187,10 @@ class _Handler:
         return f"250 2.0.0 Stored as {delivered.key}"
 
 
-class SupportMailbox:
+class SupportMailbox(ThreadedSMTPServer):
     """The support domain's MX: aiosmtpd in its own thread, a Maildir on disk."""
+
+    thread_name = "support-mailbox"
 
     def __init__(
         self,
@@ -201,11 +204,11 @@ class SupportMailbox:
         on_greylisted: Callable[[str, str, str], None] | None = None,
         on_delivered: Callable[[Delivered], None] | None = None,
     ) -> None:
+        super().__init__(host=host)
         self.maildir_path = maildir
         self.maildir = mailbox.Maildir(str(maildir), create=True)
         self.domain = domain.lower()
         self.resolver = resolver
-        self.host = host
         self.hostname = hostname
         self.greylist_seconds = greylist_seconds
         self.on_greylisted = on_greylisted
@@ -214,13 +217,6 @@ class SupportMailbox:
         self.delivered: list[Delivered] = []
         self.greylisted = 0
         self.lock = threading.Lock()
-        self._port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     def notify_greylisted(self, peer: str, sender: str, rcpt: str) -> None:
         with self.lock:
@@ -290,48 +286,3 @@ class SupportMailbox:
             data_size_limit=10 * 1024 * 1024,
             timeout=60,
         )
-
-    def start(self) -> SupportMailbox:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                server = loop.run_until_complete(loop.create_server(self._factory, self.host, 0))
-                self._port = int(server.sockets[0].getsockname()[1])
-            except OSError as exc:
-                errors.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            server.close()
-            loop.run_until_complete(server.wait_closed())
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name="support-mailbox")
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            raise errors[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = None
-
-    def __enter__(self) -> SupportMailbox:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

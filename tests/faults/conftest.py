@@ -103,17 +103,7 @@ class FaultSMTP(FaultySMTP):
 
 
 class FaultPeer(SMTPPeer):
-    def _factory(self) -> SMTP:
-        return FaultSMTP(
-            self.handler,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=False,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            data_size_limit=50 * 1024 * 1024,
-            timeout=60,
-        )
+    smtp_class = FaultSMTP
 
 
 @pytest.fixture

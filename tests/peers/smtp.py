@@ -22,6 +22,8 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from relay.sandbox.smtpserver import ThreadedSMTPServer
+
 DROP = "DROP"
 HANG = "HANG"
 
@@ -174,8 +176,10 @@ class FaultySMTP(SMTP):
         await super().smtp_DATA(arg)
 
 
-class SMTPPeer:
-    """Runs one FaultySMTP server in its own thread and event loop."""
+class SMTPPeer(ThreadedSMTPServer):
+    """Runs one FaultySMTP (or `smtp_class`) server in its own thread and event loop."""
+
+    smtp_class: type[FaultySMTP] = FaultySMTP
 
     def __init__(
         self,
@@ -186,25 +190,18 @@ class SMTPPeer:
         tls_context: ssl.SSLContext | None = None,
         hostname: str = "mx.support.test",
     ) -> None:
+        super().__init__(host=host, port=port)
+        self.thread_name = f"smtp-{host}"
         self.handler = handler or ScriptedHandler()
-        self.host = host
-        self._port = port
         self.tls_context = tls_context
         self.hostname = hostname
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def messages(self) -> list[Received]:
         return self.handler.messages
 
     def _factory(self) -> SMTP:
-        return FaultySMTP(
+        return self.smtp_class(
             self.handler,
             hostname=self.hostname,
             tls_context=self.tls_context,
@@ -214,45 +211,6 @@ class SMTPPeer:
             data_size_limit=50 * 1024 * 1024,
             timeout=60,
         )
-
-    def start(self) -> SMTPPeer:
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            asyncio.set_event_loop(loop)
-            try:
-                self._server = loop.run_until_complete(
-                    loop.create_server(self._factory, self.host, self._port)
-                )
-                self._port = self._server.sockets[0].getsockname()[1]
-            except BaseException as exc:  # reported to start()
-                errors.append(exc)
-                ready.set()
-                return
-            ready.set()
-            loop.run_forever()
-            self._server.close()
-            loop.run_until_complete(self._server.wait_closed())
-            pending = asyncio.all_tasks(loop)
-            for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.close()
-
-        self._thread = threading.Thread(target=run, daemon=True, name=f"smtp-{self.host}")
-        self._thread.start()
-        ready.wait(10)
-        if errors:
-            raise errors[0]
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
 
     def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Received]:
         deadline = time.monotonic() + timeout
@@ -264,9 +222,3 @@ class SMTPPeer:
             f"expected {count} message(s) at {self.host}:{self.port}, "
             f"got {len(self.handler.messages)}"
         )
-
-    def __enter__(self) -> SMTPPeer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
