@@ -13,52 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socketserver
-import struct
 import sys
 import threading
 from pathlib import Path
 
 from tests.peers.captcha import SiteverifyStub
 from tests.peers.dns import DNSZoneServer
-
-
-def serve_port53(zone: DNSZoneServer, host: str) -> list[socketserver.BaseServer]:
-    class UDPHandler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            data, sock = self.request
-            reply = zone.answer(data)
-            if reply is not None:
-                sock.sendto(reply, self.client_address)
-
-    class TCPHandler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            sock = self.request
-            sock.settimeout(5)
-            header = sock.recv(2)
-            if len(header) < 2:
-                return
-            (length,) = struct.unpack("!H", header)
-            data = b""
-            while len(data) < length:
-                chunk = sock.recv(length - len(data))
-                if not chunk:
-                    return
-                data += chunk
-            reply = zone.answer(data)
-            if reply is not None:
-                sock.sendall(struct.pack("!H", len(reply)) + reply)
-
-    socketserver.ThreadingUDPServer.allow_reuse_address = True
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    servers: list[socketserver.BaseServer] = [
-        socketserver.ThreadingUDPServer((host, 53), UDPHandler),
-        socketserver.ThreadingTCPServer((host, 53), TCPHandler),
-    ]
-    for server in servers:
-        server.daemon_threads = True  # type: ignore[attr-defined]
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-    return servers
 
 
 def main() -> None:
@@ -69,9 +29,15 @@ def main() -> None:
     zone = DNSZoneServer(args.zone_file.read_text()).start()
     # The bench sends many tokens; the stub's request log is kept small.
     stub = SiteverifyStub(hostname="localhost").start()
-    extra = serve_port53(zone, args.dns_port53) if args.dns_port53 else []
+    # Postfix's stub resolver only asks port 53: the same zone there, on its own address.
+    extra = (
+        [DNSZoneServer(args.zone_file.read_text(), host=args.dns_port53, port=53).start()]
+        if args.dns_port53
+        else []
+    )
     # The query log grows with every lookup; nothing here reads it.
-    zone.queries = _Discard()
+    for server in (zone, *extra):
+        server.queries = _Discard()
     stub.requests = _Discard()
     print(json.dumps({"dns": zone.address, "siteverify": stub.url}), flush=True)
     stop = threading.Event()
@@ -79,7 +45,7 @@ def main() -> None:
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     stop.wait()
     for server in extra:
-        server.shutdown()
+        server.stop()
     stub.stop()
     zone.stop()
 

@@ -26,8 +26,11 @@ def _norm(name: str) -> str:
 
 
 class DNSZoneServer:
-    def __init__(self, zone_text: str = "", host: str = "127.0.0.1") -> None:
+    def __init__(self, zone_text: str = "", host: str = "127.0.0.1", port: int = 0) -> None:
+        """`port` 0 picks a free UDP+TCP pair; a fixed port (53 for a stub resolver that
+        cannot be told another) binds exactly that."""
         self.host = host
+        self.requested_port = port
         self.records: list[Any] = []
         self.servfail: set[str] = set()
         self.timeout: set[str] = set()
@@ -150,13 +153,15 @@ class DNSZoneServer:
                     return
 
         # Bind UDP first on an ephemeral port, then TCP on the same number.
-        for _ in range(20):
-            udp = socketserver.ThreadingUDPServer((self.host, 0), UDPHandler)
+        for _ in range(20 if self.requested_port == 0 else 1):
+            udp = socketserver.ThreadingUDPServer((self.host, self.requested_port), UDPHandler)
             port = udp.server_address[1]
             try:
                 tcp = socketserver.ThreadingTCPServer((self.host, port), TCPHandler)
             except OSError:
                 udp.server_close()
+                if self.requested_port:
+                    raise
                 continue
             break
         else:  # pragma: no cover - the loopback ran out of ports
