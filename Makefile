@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults lint typecheck check bench clean
+.PHONY: demo test test-faults lint typecheck check bench bench-quick bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,17 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
-bench: $(STAMP)
+# The reference MTA and the load generator come from Debian's packages (the bench runs as root).
+bench-deps:
+	@command -v wrk >/dev/null && command -v postfix >/dev/null && command -v opendkim >/dev/null \
+	  || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	       --no-install-recommends wrk postfix opendkim opendkim-tools; }
+
+bench: $(STAMP) bench-deps
 	$(BIN)/python bench/run
+
+bench-quick: $(STAMP) bench-deps
+	$(BIN)/python bench/run --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache tests/artifacts
