@@ -6,6 +6,8 @@ key published in the test DNS.
 
 from __future__ import annotations
 
+from email import policy
+from email.parser import BytesParser
 from pathlib import Path
 
 import dkim
@@ -87,6 +89,27 @@ def test_send_now_delivers_a_message_whose_dkim_signature_verifies(
     assert parsed["Subject"] == "Order 42"
     assert "..a line" not in received.data.decode()  # dot-stuffing undone by the server
     assert world_dns.queried("s1._domainkey.relay.test", "TXT") >= 1
+
+
+def test_japanese_name_subject_and_body_arrive_readable(
+    env: dict[str, str], mx_server: SMTPPeer, world_dns: DNSZoneServer
+) -> None:
+    name, subject = "山田 花子", "注文番号 42 について"
+    body = "こんにちは。\n商品がまだ届いていません。\nよろしくお願いします。"
+    args = ["send", "--name", name, "--email", "hanako@visitor.test"]
+    args += ["--subject", subject, "--message", body, "--now"]
+    result = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    [received] = mx_server.messages
+    assert max(received.data) < 128, "the message on the wire is 7-bit"
+    assert dkim.verify(received.data, dnsfunc=dns_txt(world_dns))
+    parsed = BytesParser(policy=policy.default).parsebytes(received.data)
+    assert parsed["Subject"] == subject
+    assert parsed["From"].addresses[0].display_name == f"{name} via Example Shop"
+    assert parsed["From"].addresses[0].addr_spec == "form@relay.test"
+    text = parsed.get_content()
+    assert all(line in text.splitlines() for line in body.splitlines())
+    assert name in text
 
 
 def test_send_now_prints_every_host_and_fails_on_a_permanent_reply(
