@@ -669,17 +669,18 @@ class Outbox:
         if self.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True, of=messages)
         claimed: list[Claimed] = []
+        values: dict[str, Any] = {
+            "status": "sending",
+            "lease_owner": owner,
+            "lease_expires_at": expires,
+            "next_attempt_at": expires,
+            "claimed_at": now,
+            "first_attempt_at": sa.func.coalesce(m.first_attempt_at, now),
+        }
+        fresh: list[str] = []  # queued or deferred: one UPDATE claims them all
         with self._tx() as conn:
             for row in conn.execute(query).all():
                 number = row.attempts + 1
-                values: dict[str, Any] = {
-                    "status": "sending",
-                    "lease_owner": owner,
-                    "lease_expires_at": expires,
-                    "next_attempt_at": expires,
-                    "claimed_at": now,
-                    "first_attempt_at": sa.func.coalesce(m.first_attempt_at, now),
-                }
                 if row.status == "sending":
                     self._record_interrupted(
                         conn,
@@ -689,7 +690,6 @@ class Outbox:
                         now=now,
                         worker=row.lease_owner,
                     )
-                    values.update(attempts=number, possible_duplicate=True, last_attempt_at=now)
                     age = (now - row.created_at).total_seconds()
                     if give_up is not None and age >= give_up:
                         conn.execute(
@@ -710,8 +710,19 @@ class Outbox:
                             )
                         )
                         continue
+                    conn.execute(
+                        messages.update()
+                        .where(m.id == row.id)
+                        .values(
+                            **values,
+                            attempts=number,
+                            possible_duplicate=True,
+                            last_attempt_at=now,
+                        )
+                    )
                     number += 1
-                conn.execute(messages.update().where(m.id == row.id).values(**values))
+                else:
+                    fresh.append(row.id)
                 claimed.append(
                     Claimed(
                         id=row.id,
@@ -724,6 +735,8 @@ class Outbox:
                         claimed_at=now,
                     )
                 )
+            if fresh:
+                conn.execute(messages.update().where(m.id.in_(fresh)).values(**values))
         return claimed
 
     def _record_interrupted(
