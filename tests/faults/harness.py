@@ -32,6 +32,8 @@ from typing import Any, TypeVar
 
 import dns.resolver
 
+from tests.peers.smtp import SMTPPeer
+
 T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
@@ -379,6 +381,11 @@ def assert_our_message(
 def message_id_of(data: bytes) -> str:
     value = message_from_bytes(data, policy=email.policy.compat32)["Message-ID"]
     return str(value).strip()
+
+
+def copies(peer: SMTPPeer, message_id: str) -> int:
+    """How many copies of one message the MX peer accepted."""
+    return sum(1 for r in peer.messages if message_id_of(r.data) == message_id)
 
 
 # --- outbox evidence ---------------------------------------------------------------------------

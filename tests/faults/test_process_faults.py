@@ -24,6 +24,7 @@ from tests.faults.corpus import VALID
 from tests.faults.harness import (
     Proc,
     Visitor,
+    copies,
     free_port,
     http_ready,
     message_id_of,
@@ -44,10 +45,6 @@ PARKED = {
     "RELAY_SMTP_DATA_TIMEOUT": "120",
     "RELAY_WORKER_LEASE": "10",
 }
-
-
-def copies(peer: SMTPPeer, message_id: str) -> int:
-    return sum(1 for r in peer.messages if message_id_of(r.data) == message_id)
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from relay.outbox import Outbox
 from tests.conftest import MX_IP, SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler, FaultPeer
 from tests.faults.corpus import VALID
-from tests.faults.harness import Proc, Visitor, message_id_of, run_relay, wait_status
+from tests.faults.harness import Proc, Visitor, copies, run_relay, wait_status
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import HANG, SMTPPeer
 
@@ -52,10 +52,6 @@ def deliver(
 
 def attempts(outbox: Outbox, outbox_id: str) -> list[Any]:
     return list(outbox.show(outbox_id).attempts)
-
-
-def copies(peer: SMTPPeer, message_id: str) -> int:
-    return sum(1 for r in peer.messages if message_id_of(r.data) == message_id)
 
 
 @pytest.mark.parametrize(
