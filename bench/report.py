@@ -62,7 +62,6 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
         "ours_rsa2048_ed25519",
         "ours_rsa2048_pure_dkimpy",
         "dkimpy_rsa2048",
-        "whatif_ours_rsa2048_pem_parsed_once",
     ):
         out[f"sign_{case}_vs_openssl"] = ratio(_get(results, "sign", case, "us_per_message"), raw)
     return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,18 +30,6 @@ ROUNDS = 5
 @contextlib.contextmanager
 def _nothing() -> Iterator[None]:
     yield
-
-
-@contextlib.contextmanager
-def _pem_parsed_once() -> Iterator[None]:
-    """A what-if, not the shipped signer: dkimpy's per-call PEM parse made free (cached), to
-    size the fix proposed in docs/performance.md. dkim's module global is restored after."""
-    original = dkim.parse_pem_private_key
-    dkim.parse_pem_private_key = functools.lru_cache(maxsize=4)(original)
-    try:
-        yield
-    finally:
-        dkim.parse_pem_private_key = original
 
 
 Case = tuple[Callable[[], object], Callable[[], contextlib.AbstractContextManager[None]]]
@@ -95,7 +82,6 @@ def cases(keys: Keys, raw: bytes, settings: Settings) -> dict[str, Case]:
         "ours_rsa2048": (lambda: ours.sign(raw), _nothing),
         "ours_rsa2048_ed25519": (lambda: both.sign(raw), _nothing),
         "ours_rsa2048_pure_dkimpy": (lambda: pure.sign(raw), _nothing),
-        "whatif_ours_rsa2048_pem_parsed_once": (lambda: ours.sign(raw), _pem_parsed_once),
     }
 
 

@@ -24,7 +24,13 @@ from packaging.version import Version
 from relay.config import Settings
 from relay.errors import MessageError, SigningError
 from relay.message import Submission, build_message
-from relay.signing import INCLUDE_HEADERS, Signer, dkim_txt_record, split_txt
+from relay.signing import (
+    INCLUDE_HEADERS,
+    Signer,
+    dkim_txt_record,
+    sign_override_applies,
+    split_txt,
+)
 from tests.conftest import public_key_b64
 from tests.peers.dns import DNSZoneServer
 
@@ -299,6 +305,54 @@ def test_dkimpy_seam_is_unchanged(signer: Signer) -> None:
     assert "self.gen_header(sigfields, include_headers, canon_policy," in sign
     assert sign.index("(b'a', self.signature_algorithm)") < sign.index("self.gen_header(")
     assert signer.native is True
+    # _OpenSSLDKIM.sign mirrors this exact dkimpy sign(); a new one needs a fresh read and a
+    # new digest in relay.signing.DKIMPY_SIGN_SOURCES (until then dkimpy's sign() runs).
+    assert sign_override_applies() is True
+
+
+def test_native_signer_never_parses_the_pem_in_python(
+    monkeypatch: pytest.MonkeyPatch, both_keys: Settings, dnsfunc: DnsFunc
+) -> None:
+    """The saving of _OpenSSLDKIM.sign: dkimpy's ASN.1 reader is not run per message."""
+    native = Signer.from_settings(both_keys)
+
+    def parse(*args: object) -> object:
+        raise AssertionError("dkimpy parsed the PEM")
+
+    monkeypatch.setattr(dkim, "parse_pem_private_key", parse)
+    assert verify_all(native.sign(built(both_keys)), dnsfunc) == [True, True]
+
+
+def test_changed_dkimpy_sign_runs_dkimpys_own_and_stays_identical(
+    monkeypatch: pytest.MonkeyPatch,
+    signer: Signer,
+    pure_signer: Signer,
+    both_keys: Settings,
+    dnsfunc: DnsFunc,
+) -> None:
+    """A dkimpy whose sign() is not the mirrored text: its own sign() (with the PEM parse)
+    runs, the RSA operation still in OpenSSL, and the output does not change."""
+    monkeypatch.setattr("relay.signing.DKIMPY_SIGN_SOURCES", frozenset())
+    sign_override_applies.cache_clear()
+    raw = built(both_keys)
+
+    def python_rsa(*args: object) -> bytes:
+        raise AssertionError("dkimpy's pure-Python RSA was called")
+
+    try:
+        assert sign_override_applies() is False
+        with monkeypatch.context() as patched:
+            patched.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", python_rsa)
+            native = signer.sign(raw)
+        pure = pure_signer.sign(raw)
+        if timestamps(native) != timestamps(pure):  # a second boundary in between: once more
+            with monkeypatch.context() as patched:
+                patched.setattr(dkim, "RSASSA_PKCS1_v1_5_sign", python_rsa)
+                native = signer.sign(raw)
+    finally:
+        sign_override_applies.cache_clear()
+    assert native == pure
+    assert verify_all(native, dnsfunc) == [True, True]
 
 
 def test_native_signer_never_runs_dkimpys_python_rsa(
