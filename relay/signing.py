@@ -59,6 +59,7 @@ SIGNED_HEADERS: tuple[str, ...] = (
 # §8.15): a second From, Subject or Reply-To is how a signed message gets repurposed.
 OVERSIGNED: tuple[str, ...] = ("from", "reply-to", "subject")
 INCLUDE_HEADERS: tuple[str, ...] = SIGNED_HEADERS + OVERSIGNED
+_INCLUDE_BYTES = tuple(h.encode("ascii") for h in INCLUDE_HEADERS)
 
 TXT_CHUNK = 255  # RFC 1035 §3.3: one character-string is at most 255 octets
 
@@ -66,6 +67,10 @@ _PROBE = (
     b"From: probe@probe.invalid\r\nTo: probe@probe.invalid\r\nSubject: probe\r\n"
     b"\r\nThe native RSA path must produce what dkimpy verifies.\r\n"
 )
+
+
+_PKCS1V15 = padding.PKCS1v15()
+_PREHASHED_SHA256 = utils.Prehashed(hashes.SHA256())
 
 
 class _OpenSSLSignature:
@@ -82,7 +87,7 @@ class _OpenSSLRSA:
         self._key = key
 
     def sign(self, digest: bytes) -> _OpenSSLSignature:
-        signature = self._key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        signature = self._key.sign(digest, _PKCS1V15, _PREHASHED_SHA256)
         return _OpenSSLSignature(signature)
 
 
@@ -293,7 +298,7 @@ class Signer:
                     key.dkimpy_key,
                     signature_algorithm=key.algorithm,
                     canonicalize=CANONICALIZE,
-                    include_headers=[h.encode("ascii") for h in INCLUDE_HEADERS],
+                    include_headers=_INCLUDE_BYTES,
                 )
                 headers.append(header)
         except (dkim.DKIMException, ValueError) as exc:
