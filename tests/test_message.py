@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.policy
 import re
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from email.headerregistry import Address
@@ -15,6 +16,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from relay import message as message_module
 from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
 from relay.message import (
@@ -292,6 +294,19 @@ def test_sanitize_keeps_text_newer_than_this_pythons_unicode_tables() -> None:
     assert sanitize_text(family, max_length=10, multiline=True) == family
 
 
+def test_sanitize_drops_exactly_controls_surrogates_bidi_and_zero_width() -> None:
+    """Over every code point: Cc (but newline and tab in the message) and Cs go, bidi
+    controls go, zero-width characters go from single-line text only; nothing else."""
+    bidi = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    zero_width = set("\u200b\u200c\u200d\u2060\ufeff\u180e\u200e\u200f\u061c")
+    every = "".join(chr(cp) for cp in range(0x110000))
+    control = {ch for ch in every if unicodedata.category(ch) in ("Cc", "Cs")}
+    assert set(message_module._DROP_SINGLE.findall(every)) == control | bidi | zero_width
+    assert set(message_module._DROP_MULTI.findall(every)) == (control - {"\n", "\t"}) | bidi
+    for ch in ("\x00", "\x7f", "\x9f", "\ud800", "\u202e", "\u200b"):
+        assert sanitize_text(f"a{ch}b", max_length=10, multiline=False) == "ab"
+
+
 def test_header_text_breaks_encoded_words() -> None:
     cleaned = header_text(CVE_2024_6923 + " and = ?x?q?y?=", 200)
     assert "=?" not in cleaned
@@ -365,6 +380,72 @@ def test_stdlib_alone_would_inject_and_the_parse_back_check_catches_it() -> None
     if injected:  # Python < 3.11.10 / 3.12.5
         assert "Bcc" in caught.value.found
     assert caught.value.expected == list(HEADER_SET)
+
+
+def _verify_as_built(raw: bytes, cfg: Settings, message_id: str, **changes: str) -> None:
+    """verify_message with what build_message meant for submission(), as it calls it."""
+    meant = {
+        "subject": "Where is my order?",
+        "body": body_of(build_message(submission(), cfg, now=NOW).raw).removesuffix("\n"),
+        **changes,
+    }
+    verify_message(
+        raw,
+        {
+            "From": ("Jane Doe via Example Shop", cfg.from_address),
+            "To": ("", "help@support.test"),
+            "Reply-To": ("", "jane@visitor.test"),
+        },
+        subject=meant["subject"],
+        message_id=message_id,
+        date=NOW,
+        body=meant["body"],
+    )
+
+
+def _swap(raw: bytes, old: str, new: str) -> bytes:
+    assert old.encode() in raw
+    return raw.replace(old.encode(), new.encode(), 1)
+
+
+def test_parse_back_compares_every_header_and_the_body(cfg: Settings) -> None:
+    """The parse-back check reads only the header block and decodes a header only when its
+    wire text differs from what was meant: each kind of change is still caught."""
+    built = build_message(submission(), cfg, now=NOW)
+    mid = built.message_id
+    _verify_as_built(built.raw, cfg, mid)
+    # The same text as an encoded word decodes to what was meant: accepted, as before.
+    _verify_as_built(
+        _swap(
+            built.raw, "Subject: Where is my order?", "Subject: =?utf-8?q?Where_is_my_order=3F?="
+        ),
+        cfg,
+        mid,
+    )
+    changed = [
+        ("Subject: Where is my order?", "Subject: =?utf-8?q?Where_is_my_order=21?="),
+        ("Subject: Where is my order?", "Subject: Where is my order!"),
+        ("Reply-To: jane@visitor.test", "Reply-To: =?utf-8?q?x?= <jane@visitor.test>"),
+        ("Reply-To: jane@visitor.test", "Reply-To: jane@visitor.test, x@evil.test"),
+        ("To: help@support.test", "To: help@support.test (comment"),
+        ("Jane Doe via Example Shop", "=?utf-8?q?Jane_Doe_via_Example_Shop=0D=0ABcc:_x@e.test?="),
+        ("MIME-Version: 1.0", "MIME-Version: 1.1"),
+        ("Message-ID: <", "Message-ID: <x"),
+        ("Date: Sat, 28 Nov 2026 12:30:05 +0000", "Date: Sat, 28 Nov 2026 12:30:06 +0000"),
+        ('charset="utf-8"', 'charset="us-ascii"'),
+        ("text/plain", "text/html"),
+        ("Content-Transfer-Encoding: quoted-printable", "Content-Transfer-Encoding: 7bit"),
+        ("Hello,", "Hallo,"),
+    ]
+    for old, new in changed:
+        with pytest.raises(MessageError):
+            _verify_as_built(_swap(built.raw, old, new), cfg, mid)
+    with pytest.raises(HeaderInjectionError):
+        _verify_as_built(
+            _swap(built.raw, "MIME-Version", "Bcc: x@evil.test\r\nMIME-Version"), cfg, mid
+        )
+    with pytest.raises(HeaderInjectionError):
+        _verify_as_built(_swap(built.raw, "\r\n\r\n", "\r\nBcc: x@evil.test\r\n\r\n"), cfg, mid)
 
 
 def test_check_lines_rejects_bad_wire_forms() -> None:
