@@ -13,13 +13,13 @@ never loses a visitor's message; the worker deals with it at delivery.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import dns.resolver
 from email_validator import EmailNotValidError, validate_email
 from flask_babel import lazy_gettext as _l
 from flask_wtf import FlaskForm
@@ -220,5 +220,17 @@ def _check_email(value: str, settings: Settings, resolver: Any) -> str | list[st
 
 
 def domain_accepts_mail(domain: str, resolver: Any) -> bool | None:
-    """Run relay.mx's async check from a sync Flask view."""
-    return asyncio.run(mx.domain_accepts_mail(domain, resolver))
+    """relay.mx's check from a sync Flask view, on a blocking resolver (see blocking_resolver)."""
+    return mx.domain_accepts_mail_blocking(domain, blocking_resolver(resolver))
+
+
+def blocking_resolver(resolver: dns.resolver.BaseResolver) -> dns.resolver.Resolver:
+    """A blocking resolver with the same configuration (nameservers, ports, timeouts, no
+    cache) as `resolver`, which may be relay.mx's async one; a blocking one is kept as is.
+    create_app converts once; building one costs a few µs."""
+    if isinstance(resolver, dns.resolver.Resolver):
+        return resolver
+    blocking = dns.resolver.Resolver(configure=False)
+    # Every setting is an instance attribute of BaseResolver, which both classes share.
+    vars(blocking).update(vars(resolver))
+    return blocking

@@ -609,7 +609,10 @@ def create_app(
     app.extensions["formrelay"] = WebState(
         settings=settings,
         outbox=outbox if outbox is not None else Outbox.from_settings(settings),
-        resolver=resolver if resolver is not None else make_resolver(settings),
+        # The view blocks anyway: a blocking resolver spares an event loop per submission.
+        resolver=forms.blocking_resolver(
+            resolver if resolver is not None else make_resolver(settings)
+        ),
         verifier=verifier if verifier is not None else HCaptchaVerifier.from_settings(settings),
         sitekey=sitekey,
         allowed_origins=frozenset(settings.allowed_origins),

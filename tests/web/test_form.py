@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable
 from email import message_from_bytes, policy
 
@@ -18,6 +19,7 @@ from pydantic import SecretStr
 from relay import create_app
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.errors import CaptchaError, ConfigError
+from relay.mx import make_resolver
 from relay.outbox import Outbox
 from tests.peers.captcha import SiteverifyStub
 from tests.peers.dns import DNSZoneServer
@@ -171,6 +173,37 @@ def test_dns_servfail_on_the_visitor_domain_does_not_reject(
     response = client.post("/form", data=valid_form())
     assert response.status_code == 303
     assert len(queued(outbox)) == 1
+
+
+def test_dns_timeout_on_the_visitor_domain_does_not_reject_and_is_bounded(
+    client: FlaskClient, outbox: Outbox, world_dns: DNSZoneServer
+) -> None:
+    world_dns.fail(["visitor.test"], how="timeout")
+    started = time.monotonic()
+    response = client.post("/form", data=valid_form())
+    assert response.status_code == 303
+    assert time.monotonic() - started < 1.0 + 1.5  # RELAY_DNS_TIMEOUT=1, plus the rest
+    assert len(queued(outbox)) == 1
+
+
+def test_the_injected_resolver_answers_for_the_form(
+    make_settings: Callable[..., Settings],
+    web_settings: Settings,
+    web_env: dict[str, str],
+    outbox: Outbox,
+    world_dns: DNSZoneServer,
+) -> None:
+    """create_app(resolver=...) is the seam: relay.mx's async resolver, aimed here at a server
+    that says null MX for visitor.test, decides (the view asks through its blocking twin)."""
+    with DNSZoneServer("visitor.test. 300 IN MX 0 .\n") as other:
+        elsewhere = make_settings(**{**web_env, "RELAY_DNS_NAMESERVERS": other.address})
+        app = create_app(web_settings, outbox=outbox, resolver=make_resolver(elsewhere))
+        response = app.test_client().post("/form", data=valid_form())
+        assert response.status_code == 422
+        assert "does not accept mail" in text_of(response.get_data(as_text=True))
+        assert other.queried("visitor.test", "MX") == 1
+    assert world_dns.queried("visitor.test") == 0
+    assert not queued(outbox)
 
 
 def test_address_with_an_a_record_only_is_accepted(client: FlaskClient, outbox: Outbox) -> None:
