@@ -14,6 +14,7 @@ never loses a visitor's message; the worker deals with it at delivery.
 from __future__ import annotations
 
 import logging
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ ACCEPTED = (*FIELDS, HONEYPOT, CAPTCHA)
 # Line breaks are allowed in the message only; tab is allowed there too.
 _MULTILINE_OK = frozenset("\n\r\t")
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+_ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ASCII_CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def limits() -> dict[str, int]:
@@ -115,6 +118,8 @@ def control_characters(value: str, *, multiline: bool) -> bool:
     overrides and isolates (they make text read differently from what it is), lone
     surrogates, unassigned code points, and line/paragraph separators outside the message.
     Joiners, soft hyphens and the like are left to relay.message.sanitize_text."""
+    if value.isascii():  # the usual case: only C0 controls and DEL can be wrong here
+        return (_ASCII_CONTROL_MULTILINE if multiline else _ASCII_CONTROL).search(value) is not None
     for ch in value:
         category = unicodedata.category(ch)
         allowed_here = (category == "Cc" and ch in _MULTILINE_OK) or category in ("Zl", "Zp")

@@ -179,6 +179,19 @@ def make_message_id(settings: Settings) -> str:
     return f"<{uuid.uuid4().hex}@{settings.from_domain}>"
 
 
+def _plain_address(address: str) -> bool:
+    """local@domain with a dot-atom local part and LDH labels: nothing to quote or decode."""
+    local, _, domain = address.rpartition("@")
+    labels = domain.split(".")
+    return bool(
+        _LOCAL_RE.match(local)
+        and len(local) <= 64
+        and len(address) <= EMAIL_MAX
+        and len(labels) >= 2
+        and all(_LABEL_RE.match(label) for label in labels)
+    )
+
+
 def _visitor_address(value: str) -> str:
     """The one plain addr-spec in `value`, in ASCII (IDNA domain), or MessageError.
 
@@ -196,15 +209,7 @@ def _visitor_address(value: str) -> str:
     except EmailNotValidError as exc:
         raise MessageError(f"visitor address is not valid: {value!r} ({exc})") from exc
     address = checked.ascii_email or ""
-    local, _, domain = address.rpartition("@")
-    labels = domain.split(".")
-    if not (
-        _LOCAL_RE.match(local)
-        and len(local) <= 64
-        and len(address) <= EMAIL_MAX
-        and len(labels) >= 2
-        and all(_LABEL_RE.match(label) for label in labels)
-    ):
+    if not _plain_address(address):
         raise MessageError(f"visitor address is not a plain addr-spec: {value!r}")
     return address
 
@@ -366,6 +371,11 @@ def verify_message(
         return HeaderInjectionError([f"{header}: {meant!r}"], [f"{header}: {got!r}"])
 
     for header, (display, addr_spec) in addresses.items():
+        # A bare dot-atom addr-spec without "=?" (an atom may be an encoded word) decodes
+        # to itself, with no display name and no defect.
+        text = _unfolded(wire[header])
+        if not display and text == addr_spec and "=?" not in text and _plain_address(text):
+            continue
         try:
             value = _decoded(header, wire[header])
         except (ValueError, TypeError, IndexError) as exc:  # e.g. a decoded CR/LF

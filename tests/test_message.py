@@ -448,6 +448,58 @@ def test_parse_back_compares_every_header_and_the_body(cfg: Settings) -> None:
         _verify_as_built(_swap(built.raw, "\r\n\r\n", "\r\nBcc: x@evil.test\r\n\r\n"), cfg, mid)
 
 
+@pytest.mark.parametrize(
+    "address",
+    [
+        "help@support.test",
+        "a.b+c@x-y.example.test",
+        "o'brien@visitor.test",
+        "{w}!#$%&*=^`|~@d.test",
+    ],
+)
+def test_a_bare_address_decodes_to_itself(address: str) -> None:
+    """What lets the parse-back skip decoding To and Reply-To when the wire text is the
+    address: the email package reads such an address back unchanged and without defects."""
+    (decoded,) = parse(f"To: {address}\r\n\r\n".encode())["To"].addresses
+    assert (decoded.display_name, decoded.addr_spec) == ("", address)
+    assert not parse(f"To: {address}\r\n\r\n".encode())["To"].defects
+
+
+def test_an_address_that_is_an_encoded_word_is_decoded_and_refused() -> None:
+    """An atom that looks like an encoded word is decoded by the parser, so it is never
+    taken as its own wire text."""
+    address = "=?utf-8?q?a?=@support.test"
+    raw = (
+        "From: Shop <form@relay.test>\r\n"
+        f"To: {address}\r\n"
+        "Reply-To: jane@visitor.test\r\n"
+        "Subject: s\r\n"
+        "Date: Sat, 28 Nov 2026 12:30:05 +0000\r\n"
+        "Message-ID: <a@relay.test>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: text/plain; charset="utf-8"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\nb\r\n"
+    ).encode()
+
+    def check(wire: bytes, to: str) -> None:
+        verify_message(
+            wire,
+            {
+                "From": ("Shop", "form@relay.test"),
+                "To": ("", to),
+                "Reply-To": ("", "jane@visitor.test"),
+            },
+            subject="s",
+            message_id="<a@relay.test>",
+            date=NOW,
+            body="b",
+        )
+
+    check(raw.replace(address.encode(), b"help@support.test"), "help@support.test")
+    with pytest.raises(HeaderInjectionError):
+        check(raw, address)
+
+
 def test_check_lines_rejects_bad_wire_forms() -> None:
     for raw in [b"A: b\nc\r\n", b"A: b\r\n\xc3\xa9\r\n", b"A: " + b"x" * 999 + b"\r\n", b"A: b"]:
         with pytest.raises(MessageError):
