@@ -15,15 +15,15 @@ build fails with HeaderInjectionError.
 from __future__ import annotations
 
 import email.policy
+import functools
 import quopri
 import re
 import unicodedata
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.headerregistry import Address, BaseHeader, HeaderRegistry
-from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from types import MappingProxyType
@@ -89,6 +89,14 @@ _REGISTRY = _Registry()
 _POLICY = email.policy.SMTP.clone(header_factory=_REGISTRY)
 _PARSE_POLICY = email.policy.default.clone(header_factory=_REGISTRY)
 _CONTENT_TYPE = 'text/plain; charset="utf-8"'
+_MIME_HEADERS = tuple(
+    _POLICY.header_store_parse(name, value)[1]
+    for name, value in (
+        ("MIME-Version", "1.0"),
+        ("Content-Type", _CONTENT_TYPE),
+        ("Content-Transfer-Encoding", "quoted-printable"),
+    )
+)
 # email.policy splits on these (not str.splitlines) when it unfolds a header for parsing.
 _LINE_SEPARATORS = re.compile(r"\r|\n")
 
@@ -254,6 +262,27 @@ def _body(sub: Submission, name: str, email_address: str, site_name: str) -> str
     return message + "\n\n" + "-" * 40 + "\n" + "\n".join(details)
 
 
+def _header(name: str, value: object) -> BaseHeader:
+    """The header object EmailMessage would store for msg[name] = value (ValueError on a
+    value with a line break)."""
+    return _POLICY.header_store_parse(name, value)[1]  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=16)
+def _to_header(support_address: str) -> BaseHeader:
+    """To is the same for every message: made once (header objects are not changed by
+    folding)."""
+    return _header("To", Address(addr_spec=support_address))
+
+
+def _wire(headers: Sequence[BaseHeader], payload: str) -> bytes:
+    """The bytes EmailMessage.as_bytes(policy=_POLICY) writes for these headers and a 7-bit
+    text payload, without the message object and generator around them: each header folded
+    by its own class, a blank line, the payload with CRLF line ends."""
+    head = b"".join(_POLICY.fold_binary(header.name, header) for header in headers)
+    return head + b"\r\n" + payload.replace("\n", "\r\n").encode("ascii")
+
+
 def _when(sub: Submission, now: datetime | None) -> datetime:
     moment = sub.submitted_at or now or datetime.now(UTC)
     if moment.tzinfo is None or moment.utcoffset() is None:
@@ -286,18 +315,20 @@ def build_message(
     )
 
     try:
-        msg = EmailMessage(policy=_POLICY)
-        msg["From"] = Address(display_name=display_name, addr_spec=settings.from_address)
-        msg["To"] = Address(addr_spec=settings.support_address)
-        msg["Reply-To"] = Address(addr_spec=reply_to)
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(moment)
-        msg["Message-ID"] = message_id
-        msg["MIME-Version"] = "1.0"
-        msg["Content-Type"] = _CONTENT_TYPE
-        msg["Content-Transfer-Encoding"] = "quoted-printable"
-        msg.set_payload(_qp_encode(body))
-        raw = msg.as_bytes(policy=_POLICY)
+        raw = _wire(
+            [
+                _header(
+                    "From", Address(display_name=display_name, addr_spec=settings.from_address)
+                ),
+                _to_header(settings.support_address),
+                _header("Reply-To", Address(addr_spec=reply_to)),
+                _header("Subject", subject),
+                _header("Date", format_datetime(moment)),
+                _header("Message-ID", message_id),
+                *_MIME_HEADERS,
+            ],
+            _qp_encode(body),
+        )
     except (ValueError, TypeError, IndexError) as exc:  # the email package refused a value
         raise MessageError(f"cannot build the message: {exc}") from exc
 
