@@ -506,6 +506,16 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+@dataclass(frozen=True)
+class Finished:
+    """One ended attempt for `Outbox.record_attempts`."""
+
+    claimed: Claimed
+    result: AttemptLike
+    started_at: datetime | None = None  # None: when it was claimed
+    finished_at: datetime | None = None  # None: the time of the commit
+
+
 # --- the outbox ----------------------------------------------------------------------------------
 
 
@@ -830,96 +840,130 @@ class Outbox:
         owner: str,
         policy: RetryPolicy,
         started_at: datetime | None = None,
+        finished_at: datetime | None = None,
     ) -> Decision:
         """Store one attempt and every host it tried, then move the message on.
 
         If another worker took the message over meanwhile (our lease expired), the attempt is
         still recorded; only a delivery changes the message's state then.
         """
-        now = self.clock()
-        reply = reply_fields(result)
-        summary = format_reply(reply.code, reply.enhanced_status, reply.mx_host, reply.text)
-        decision = decide(
-            result.outcome,
-            attempt=claimed.attempt,
-            created_at=claimed.created_at,
-            now=now,
-            policy=policy,
-            summary=summary,
+        (decision,) = self.record_attempts(
+            [Finished(claimed, result, started_at, finished_at)], owner=owner, policy=policy
         )
-        m = messages.c
-        with self._tx() as conn:
-            attempt_id = conn.execute(
-                attempts.insert()
-                .values(
-                    outbox_id=claimed.id,
-                    number=claimed.attempt,
-                    started_at=started_at or claimed.claimed_at,
-                    finished_at=now,
-                    outcome=result.outcome,
-                    code=reply.code,
-                    enhanced_status=reply.enhanced_status,
-                    mx_host=reply.mx_host,
-                    text=reply.text,
-                    possible_duplicate=result.possible_duplicate,
-                    worker=owner,
-                )
-                .returning(attempts.c.id)
-            ).scalar_one()
-            if result.hosts:
-                conn.execute(
-                    attempt_hosts.insert(),
-                    [
-                        {
-                            "attempt_id": attempt_id,
-                            "position": position,
-                            "mx_host": host.mx_host,
-                            "ip": host.ip,
-                            "port": host.port,
-                            "tls": host.tls,
-                            "code": host.code,
-                            "enhanced_status": host.enhanced_status,
-                            "text": host.text,
-                            "stage": host.stage,
-                            "duration": host.duration,
-                            "started_at": host.started_at,
-                        }
-                        for position, host in enumerate(result.hosts)
-                    ],
-                )
-            values: dict[str, Any] = {
-                "status": decision.status,
-                "attempts": claimed.attempt,
-                "last_attempt_at": now,
-                "next_attempt_at": decision.next_attempt_at,
-                "last_code": reply.code,
-                "last_enhanced_status": reply.enhanced_status,
-                "last_mx": reply.mx_host,
-                "last_text": reply.text,
-                "lease_owner": None,
-                "lease_expires_at": None,
-                "failure_reason": decision.reason,
-                "finished_at": now if decision.status in ("delivered", "failed") else None,
-            }
-            if result.possible_duplicate:
-                values["possible_duplicate"] = True
-            owned = (m.lease_owner == owner) & (m.status == "sending")
-            if decision.status == "delivered":
-                owned = owned | m.status.in_(DUE_STATUSES)
-            updated = conn.execute(
-                messages.update().where(m.id == claimed.id, owned).values(**values)
-            ).rowcount
-            if not updated:
-                decision = dataclasses.replace(decision, applied=False)
-                log_event(
-                    log,
-                    "delivery.lease_lost",
-                    logging.WARNING,
-                    id=claimed.id,
-                    attempt=claimed.attempt,
-                    outcome=result.outcome,
-                )
         return decision
+
+    def record_attempts(
+        self, finished: Sequence[Finished], *, owner: str, policy: RetryPolicy
+    ) -> list[Decision]:
+        """`record_attempt` for several attempts in one transaction: the worker's group
+        commit, one fsync for all that ended within a few milliseconds. All or nothing: if it
+        fails, none is stored and the messages stay leased to `owner`."""
+        if not finished:
+            return []
+        now = self.clock()
+        m = messages.c
+        rows: list[dict[str, Any]] = []
+        decisions: list[Decision] = []
+        for item in finished:
+            claimed, result = item.claimed, item.result
+            ended = item.finished_at or now
+            reply = reply_fields(result)
+            summary = format_reply(reply.code, reply.enhanced_status, reply.mx_host, reply.text)
+            decisions.append(
+                decide(
+                    result.outcome,
+                    attempt=claimed.attempt,
+                    created_at=claimed.created_at,
+                    now=ended,
+                    policy=policy,
+                    summary=summary,
+                )
+            )
+            rows.append(
+                {
+                    "outbox_id": claimed.id,
+                    "number": claimed.attempt,
+                    "started_at": item.started_at or claimed.claimed_at,
+                    "finished_at": ended,
+                    "outcome": result.outcome,
+                    "code": reply.code,
+                    "enhanced_status": reply.enhanced_status,
+                    "mx_host": reply.mx_host,
+                    "text": reply.text,
+                    "possible_duplicate": result.possible_duplicate,
+                    "worker": owner,
+                }
+            )
+        lost: list[int] = []
+        with self._tx() as conn:
+            attempt_ids = (
+                conn.execute(
+                    attempts.insert().returning(attempts.c.id, sort_by_parameter_order=True),
+                    rows,
+                )
+                .scalars()
+                .all()
+            )
+            host_rows = [
+                {
+                    "attempt_id": attempt_id,
+                    "position": position,
+                    "mx_host": host.mx_host,
+                    "ip": host.ip,
+                    "port": host.port,
+                    "tls": host.tls,
+                    "code": host.code,
+                    "enhanced_status": host.enhanced_status,
+                    "text": host.text,
+                    "stage": host.stage,
+                    "duration": host.duration,
+                    "started_at": host.started_at,
+                }
+                for attempt_id, item in zip(attempt_ids, finished, strict=True)
+                for position, host in enumerate(item.result.hosts)
+            ]
+            if host_rows:
+                conn.execute(attempt_hosts.insert(), host_rows)
+            for index, (item, decision, row) in enumerate(
+                zip(finished, decisions, rows, strict=True)
+            ):
+                values: dict[str, Any] = {
+                    "status": decision.status,
+                    "attempts": item.claimed.attempt,
+                    "last_attempt_at": row["finished_at"],
+                    "next_attempt_at": decision.next_attempt_at,
+                    "last_code": row["code"],
+                    "last_enhanced_status": row["enhanced_status"],
+                    "last_mx": row["mx_host"],
+                    "last_text": row["text"],
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "failure_reason": decision.reason,
+                    "finished_at": (
+                        row["finished_at"] if decision.status in ("delivered", "failed") else None
+                    ),
+                }
+                if item.result.possible_duplicate:
+                    values["possible_duplicate"] = True
+                owned = (m.lease_owner == owner) & (m.status == "sending")
+                if decision.status == "delivered":
+                    owned = owned | m.status.in_(DUE_STATUSES)
+                updated = conn.execute(
+                    messages.update().where(m.id == item.claimed.id, owned).values(**values)
+                ).rowcount
+                if not updated:
+                    lost.append(index)
+        for index in lost:
+            decisions[index] = dataclasses.replace(decisions[index], applied=False)
+            log_event(
+                log,
+                "delivery.lease_lost",
+                logging.WARNING,
+                id=finished[index].claimed.id,
+                attempt=finished[index].claimed.attempt,
+                outcome=finished[index].result.outcome,
+            )
+        return decisions
 
     # --- operator side ---
 
@@ -1237,6 +1281,7 @@ __all__ = [
     "AttemptLike",
     "Claimed",
     "Decision",
+    "Finished",
     "MessageDetail",
     "MessageRow",
     "Outbox",

@@ -5,6 +5,7 @@ Every store test runs against SQLite and a fresh PostgreSQL database (`database_
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -27,6 +28,7 @@ from relay.errors import (
 )
 from relay.message import BuiltMessage, Submission, build_message
 from relay.outbox import (
+    Finished,
     Outbox,
     RetryPolicy,
     decide,
@@ -433,6 +435,80 @@ def test_lost_lease_does_not_overwrite_the_new_owner(
     row = store.get(outbox_id)
     assert row.status == "sending"
     assert row.lease_owner == "w2"
+
+
+def test_record_attempts_stores_each_attempt_in_one_transaction(
+    store: Outbox, clock: FakeClock, plain_settings: Settings
+) -> None:
+    """The worker's group commit: one row per attempt with its own reply and hosts, each
+    message moved on by its own decision, a lost lease reported for that attempt only."""
+    ids = [store.enqueue(built(plain_settings, n)) for n in range(3)]
+    by_id = {c.id: c for c in store.claim("w1", 3, 30)}
+    items = [by_id[i] for i in ids]
+    clock.advance(20)
+    assert store.renew("w1", ids[1:], 30) == 2
+    clock.advance(11)  # the first one's lease expired: w2 takes it over
+    (taken,) = store.claim("w2", 5, 30)
+    assert taken.id == ids[0]
+    clock.advance(1)
+    started = T0 + timedelta(seconds=5)
+    finished_at = T0 + timedelta(seconds=6)
+    decisions = store.record_attempts(
+        [
+            Finished(items[0], greylisted(), started, finished_at),
+            Finished(items[1], delivered(), started, finished_at),
+            Finished(items[2], refused()),
+        ],
+        owner="w1",
+        policy=POLICY,
+    )
+    assert [(d.status, d.applied) for d in decisions] == [
+        ("deferred", False),
+        ("delivered", True),
+        ("failed", True),
+    ]
+    assert store.get(ids[0]).lease_owner == "w2"
+    replies = []
+    for outbox_id in ids:
+        detail = store.show(outbox_id)
+        last = detail.attempts[-1]
+        replies.append((last.outcome, last.code, last.enhanced_status, last.mx_host))
+        assert [h.mx_host for h in last.hosts] == ["mx1.support.test"]
+        assert last.worker == "w1"
+    assert replies == [
+        ("temporary", 451, "4.7.1", "mx1.support.test"),
+        ("delivered", 250, "2.0.0", "mx1.support.test"),
+        ("permanent", 550, "5.1.1", "mx1.support.test"),
+    ]
+    delivered_row = store.show(ids[1])
+    assert delivered_row.message.status == "delivered"
+    assert delivered_row.message.finished_at == finished_at
+    assert (delivered_row.attempts[0].started_at, delivered_row.attempts[0].finished_at) == (
+        started,
+        finished_at,
+    )
+    assert store.show(ids[2]).attempts[0].finished_at == clock()  # None: the commit's time
+    assert store.record_attempts([], owner="w1", policy=POLICY) == []
+
+
+def test_record_attempts_is_all_or_nothing(store: Outbox, plain_settings: Settings) -> None:
+    """A batch the store refuses leaves every message leased, so nothing is half-recorded and
+    the worker can retry each attempt on its own."""
+    outbox_id = store.enqueue(built(plain_settings))
+    (claimed,) = store.claim("w1", 1, 60)
+    ghost = dataclasses.replace(claimed, id="no-such-message")  # violates the foreign key
+    with pytest.raises(StoreUnavailable):
+        store.record_attempts(
+            [Finished(claimed, delivered()), Finished(ghost, delivered())],
+            owner="w1",
+            policy=POLICY,
+        )
+    detail = store.show(outbox_id)
+    assert detail.message.status == "sending"
+    assert detail.message.lease_owner == "w1"
+    assert detail.attempts == ()
+    assert store.record_attempt(claimed, delivered(), owner="w1", policy=POLICY).applied
+    assert store.get(outbox_id).status == "delivered"
 
 
 # --- the schedule: pure -------------------------------------------------------------------
