@@ -21,6 +21,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, cast
 
 import psycopg
@@ -35,6 +36,7 @@ from relay.outbox import (
     AttemptLike,
     Claimed,
     Decision,
+    Finished,
     HostTryLike,
     Outbox,
     RetryPolicy,
@@ -70,6 +72,14 @@ class LocalFailure:
     possible_duplicate: bool = False
 
 
+@dataclass
+class _Outcome:
+    """An ended attempt waiting for the writer; `done` gets its Decision once committed."""
+
+    finished: Finished
+    done: asyncio.Future[Decision]
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -89,6 +99,8 @@ class Worker:
         poll_interval: float = 0.5,
         shutdown_grace: float = 30.0,
         heartbeat_interval: float | None = None,
+        claim_coalesce: float = 0.015,
+        record_window: float = 0.005,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -98,6 +110,8 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.lease = float(settings.worker_lease)
         self.heartbeat_interval = heartbeat_interval or max(1.0, self.lease / 3)
+        self.claim_coalesce = claim_coalesce
+        self.record_window = record_window
         self._deliver = deliver
         self._sign = sign
         self._resolver = resolver
@@ -107,6 +121,10 @@ class Worker:
         self.claims = 0  # claim queries made: lets tests know the loop went idle
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self.attempts_made = 0
+        self._outcomes: list[_Outcome] = []  # ended attempts waiting for the group commit
+        self._outcome_ready: asyncio.Event | None = None
+        self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
+        self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
 
     # --- the real collaborators, built on first use ---
 
@@ -140,11 +158,14 @@ class Worker:
         """Claim and deliver until stopped; with `once`, until nothing is due any more."""
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._outcome_ready = asyncio.Event()
+        self._closing = asyncio.get_running_loop().create_future()
         self.listening = asyncio.Event()
         concurrency = self.settings.worker_concurrency
         event(log, "worker.started", id=self.id, concurrency=concurrency, lease=int(self.lease))
         heartbeat = asyncio.create_task(self._heartbeat())
         listener = asyncio.create_task(self._listen())
+        writer = asyncio.create_task(self._writer())
         failures = 0
         try:
             while not self._stop.is_set():
@@ -152,6 +173,7 @@ class Worker:
                 claimed: list[Claimed] = []
                 timeout: float | None = self.poll_interval
                 if free > 0:
+                    self._wake.clear()  # this claim sees whatever was notified until now
                     try:
                         claimed = await asyncio.to_thread(
                             self.outbox.claim,
@@ -180,26 +202,50 @@ class Worker:
                     break
                 if len(claimed) == free or (once and self._inflight):
                     timeout = None  # every slot is busy (or nothing more is due): wait for one
-                # Wake when an attempt ends, on stop, on a NOTIFY, or after a short poll.
-                waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
-                signals = [
-                    asyncio.ensure_future(self._stop.wait()),
-                    asyncio.ensure_future(self._wake.wait()),
-                ]
-                waiters.update(signals)
-                await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                self._wake.clear()
-                for waiter in signals:
-                    waiter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await waiter
+                # Wake when an attempt ends, on stop, on a NOTIFY (if a slot is free for what
+                # it announces), or after a short poll.
+                await self._wait_for(timeout, wake=len(self._inflight) < concurrency)
+                if failures == 0:
+                    await self._coalesce(concurrency)
         finally:
             await self._drain()
+            await self._close_writer(writer)
             for task in (heartbeat, listener):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
+
+    async def _wait_for(self, timeout: float | None, *, wake: bool) -> None:
+        """Until an attempt ends, stop() is called, (with `wake`) a NOTIFY, or the timeout."""
+        assert self._stop is not None
+        assert self._wake is not None
+        waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
+        signals = [asyncio.ensure_future(self._stop.wait())]
+        if wake:
+            signals.append(asyncio.ensure_future(self._wake.wait()))
+        waiters.update(signals)
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        for waiter in signals:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+
+    async def _coalesce(self, concurrency: int) -> None:
+        """Let freed slots add up before the next claim, so one claim transaction takes
+        several messages: claim at once when half the slots are free or nothing is in
+        flight (a slot never idles while there is work and nothing else to wait for),
+        otherwise after at most `claim_coalesce` seconds."""
+        wanted = (concurrency + 1) // 2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.claim_coalesce
+        while (
+            self._inflight
+            and concurrency - len(self._inflight) < wanted
+            and not self.stopping
+            and (remaining := deadline - loop.time()) > 0
+        ):
+            await self._wait_for(remaining, wake=False)
 
     def _start(self, item: Claimed) -> None:
         task = asyncio.create_task(self._attempt(item), name=f"deliver-{item.id}")
@@ -222,6 +268,65 @@ class Worker:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _writer(self) -> None:
+        """The group commit: records every attempt that ended within `record_window` of
+        the first one, plus those that end while that commit runs, in one transaction.
+
+        An attempt's task waits for its outcome's commit and keeps its slot and its lease
+        (the heartbeat renews it) until then, so a crash before the commit loses nothing:
+        the lease expires and the message is claimed again as a possible duplicate."""
+        assert self._outcome_ready is not None
+        assert self._closing is not None
+        while True:
+            await self._outcome_ready.wait()
+            others_running = len(self._inflight) > len(self._outcomes)
+            if self.record_window > 0 and others_running:
+                # They may end within the window; a shutdown cuts it short.
+                await asyncio.wait([self._closing], timeout=self.record_window)
+            self._outcome_ready.clear()
+            batch, self._outcomes = self._outcomes, []
+            if batch:
+                await self._commit(batch)
+            elif self._closing.done():
+                return
+
+    async def _commit(self, batch: list[_Outcome]) -> None:
+        try:
+            decisions = await asyncio.to_thread(
+                self.outbox.record_attempts,
+                [outcome.finished for outcome in batch],
+                owner=self.id,
+                policy=self.policy,
+            )
+        except Exception as exc:  # StoreUnavailable: each attempt retries on its own
+            for outcome in batch:
+                if not outcome.done.done():
+                    outcome.done.set_exception(exc)
+            return
+        self.record_commits += 1
+        for outcome, decision in zip(batch, decisions, strict=True):
+            if not outcome.done.done():
+                outcome.done.set_result(decision)
+
+    async def _close_writer(self, writer: asyncio.Task[None]) -> None:
+        """Commit the outcomes still waiting (also those of attempts cut off while they
+        waited for the commit), then stop the writer."""
+        assert self._outcome_ready is not None
+        assert self._closing is not None
+        self._closing.set_result(None)
+        self._outcome_ready.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(writer), timeout=self.shutdown_grace)
+        except TimeoutError:  # the store hangs: what is left is redelivered after the lease
+            event(log, "worker.record_timeout", logging.ERROR, pending=len(self._outcomes))
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        for outcome in self._outcomes:
+            outcome.done.cancel()
+        self._outcomes = []
 
     async def _listen(self) -> None:
         """PostgreSQL: wake the claim loop as soon as mail is queued (enqueue and retry NOTIFY
@@ -298,11 +403,16 @@ class Worker:
             )
         event(log, "delivery.interrupted", logging.WARNING, id=item.id, attempt=item.attempt)
 
-    async def _record(self, item: Claimed, result: AttemptLike, started: Any) -> Decision | None:
-        """Store the attempt; if the store is down, try a few times, then leave it to the
-        lease (the next claim records the attempt as interrupted)."""
+    async def _record(
+        self, item: Claimed, result: AttemptLike, started: datetime
+    ) -> Decision | None:
+        """Store the attempt through the group commit; if that fails, try twice more on its
+        own, then leave it to the lease (the next claim records the attempt as interrupted)."""
+        finished = Finished(item, result, started, self.outbox.clock())
         for tries in range(3):
             try:
+                if tries == 0:
+                    return await self._group_commit(finished)
                 return await asyncio.to_thread(
                     self.outbox.record_attempt,
                     item,
@@ -310,6 +420,7 @@ class Worker:
                     owner=self.id,
                     policy=self.policy,
                     started_at=started,
+                    finished_at=finished.finished_at,
                 )
             except StoreUnavailable as exc:
                 event(
@@ -323,6 +434,22 @@ class Worker:
                 )
                 await asyncio.sleep(1.0 + tries)
         return None
+
+    async def _group_commit(self, finished: Finished) -> Decision:
+        assert self._outcome_ready is not None
+        done: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
+        self._outcomes.append(_Outcome(finished, done))
+        self._outcome_ready.set()
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            if not done.cancelled():  # cut off while waiting: the writer still commits it
+                done.add_done_callback(lambda fut: self._logged(finished, fut))
+            raise
+
+    def _logged(self, finished: Finished, fut: asyncio.Future[Decision]) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result().applied:
+            self._log_outcome(finished.claimed, finished.result, fut.result())
 
     def _log_outcome(self, item: Claimed, result: AttemptLike, decision: Decision) -> None:
         reply = _reply_fields(result)

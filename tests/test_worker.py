@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
-from relay.errors import SigningError
+from relay.errors import SigningError, StoreUnavailable
 from relay.mx import make_resolver
-from relay.outbox import Outbox
+from relay.outbox import Claimed, Decision, Finished, Outbox
 from relay.signing import Signer
 from relay.worker import Worker, startup_checks
 from tests.conftest import SUPPORT_DOMAIN
@@ -343,6 +343,193 @@ async def test_postgres_notify_wakes_an_idle_worker(
         await asyncio.wait_for(task, 10)
     finally:
         store.dispose()
+
+
+# --- claim coalescing and the group commit -------------------------------------------------
+
+
+class CountingOutbox(Outbox):
+    """The real store, counting the claims that took messages and the size of each group
+    commit; `fail_batches` group commits fail as a store outage would."""
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        super().__init__(url, **kw)
+        self.claimed: list[int] = []
+        self.batches: list[int] = []
+        self.fail_batches = 0
+
+    def claim(self, owner: str, limit: int, lease_seconds: float, **kw: Any) -> list[Claimed]:
+        items = super().claim(owner, limit, lease_seconds, **kw)
+        if items:
+            self.claimed.append(len(items))
+        return items
+
+    def record_attempts(self, finished: Sequence[Finished], **kw: Any) -> list[Decision]:
+        if self.fail_batches:
+            self.fail_batches -= 1
+            raise StoreUnavailable("outbox store unavailable: disk I/O error (injected)")
+        self.batches.append(len(finished))
+        return super().record_attempts(finished, **kw)
+
+
+@pytest.fixture
+def counting(database_url: str, clock: FakeClock) -> Iterator[CountingOutbox]:
+    outbox = CountingOutbox(database_url, clock=clock)
+    yield outbox
+    outbox.dispose()
+
+
+class HeldDeliver:
+    """The deliver seam: call number n returns `delivered()` once `release(n)` is called."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.gates: dict[int, asyncio.Event] = {}
+        self.arrived = asyncio.Event()
+
+    def gate(self, n: int) -> asyncio.Event:
+        return self.gates.setdefault(n, asyncio.Event())
+
+    def release(self, *numbers: int) -> None:
+        for n in numbers:
+            self.gate(n).set()
+
+    async def __call__(self, signed: bytes, **_: Any) -> Any:
+        n = self.calls
+        self.calls += 1
+        self.arrived.set()
+        await self.gate(n).wait()
+        return delivered()
+
+    async def wait_calls(self, count: int) -> None:
+        async with asyncio.timeout(10):
+            while self.calls < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def test_outcomes_that_end_together_are_committed_together(
+    counting: CountingOutbox, quick_settings: Settings
+) -> None:
+    """Each attempt keeps its own row (reply, enhanced status, MX), but the three that end
+    together cost one transaction, and the three slots they free one claim."""
+    ids = [counting.enqueue(built(quick_settings, n)) for n in range(6)]
+    deliver = HeldDeliver()
+    worker = worker_for(counting, quick_settings, deliver)
+    task = asyncio.create_task(worker.run(once=True))
+    await deliver.wait_calls(3)
+    deliver.release(0, 1, 2)
+    await deliver.wait_calls(6)
+    deliver.release(3, 4, 5)
+    await asyncio.wait_for(task, 10)
+    assert counting.batches == [3, 3]
+    assert counting.claimed == [3, 3]
+    assert worker.record_commits == 2
+    for outbox_id in ids:
+        detail = counting.show(outbox_id)
+        assert detail.message.status == "delivered"
+        assert [
+            (a.number, a.outcome, a.code, a.enhanced_status, a.mx_host) for a in detail.attempts
+        ] == [(1, "delivered", 250, "2.0.0", "mx1.support.test")]
+
+
+async def test_freed_slots_add_up_before_the_next_claim(
+    counting: CountingOutbox, make_settings: Callable[..., Settings]
+) -> None:
+    """One attempt of four ends: its slot waits (here for as long as it takes) until a
+    second one is free, then one claim fills both."""
+    settings = make_settings(RELAY_WORKER_CONCURRENCY="4")
+    ids = [counting.enqueue(built(settings, n)) for n in range(6)]
+    deliver = HeldDeliver()
+    worker = worker_for(counting, settings, deliver, claim_coalesce=3600, record_window=0)
+    task = asyncio.create_task(worker.run(once=True))
+    await deliver.wait_calls(4)
+    deliver.release(0)
+    async with asyncio.timeout(10):
+        while counting.batches != [1]:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    assert counting.claimed == [4]  # one free slot of four: no claim yet
+    deliver.release(1)
+    await deliver.wait_calls(6)
+    assert counting.claimed == [4, 2]
+    deliver.release(2, 3, 4, 5)
+    await asyncio.wait_for(task, 10)
+    assert {counting.get(i).status for i in ids} == {"delivered"}
+
+
+async def test_a_lone_attempt_that_ends_claims_at_once(
+    store: Outbox, quick_settings: Settings
+) -> None:
+    """Coalescing never holds a claim back when nothing else is in flight: with a poll and a
+    coalescing wait of an hour, only the claim after the first attempt can start the second."""
+    first = store.enqueue(built(quick_settings, 1))
+    deliver = HeldDeliver()
+    worker = Worker(store, quick_settings, deliver=deliver, poll_interval=3600, claim_coalesce=3600)
+    task = asyncio.create_task(worker.run())
+    await deliver.wait_calls(1)
+    second = store.enqueue(built(quick_settings, 2))
+    deliver.release(0, 1)
+    async with asyncio.timeout(10):
+        while store.get(second).status != "delivered":
+            await asyncio.sleep(0.02)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert store.get(first).status == "delivered"
+
+
+async def test_a_failed_group_commit_is_retried_per_attempt(
+    counting: CountingOutbox, quick_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store error during the group commit is handled as one per outcome was: logged,
+    retried for each attempt on its own, nothing lost and nothing recorded twice."""
+    ids = [counting.enqueue(built(quick_settings, n)) for n in range(3)]
+    counting.fail_batches = 1
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    deliver = HeldDeliver()
+    worker = worker_for(counting, quick_settings, deliver)
+    task = asyncio.create_task(worker.run(once=True))
+    await deliver.wait_calls(3)
+    deliver.release(0, 1, 2)
+    await asyncio.wait_for(task, 20)
+    assert counting.batches == [1, 1, 1]  # the retries, one attempt each
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    failed = [line for line in lines if line.startswith("delivery.record_failed")]
+    assert len(failed) == 3
+    assert all("tries=1" in line and "injected" in line for line in failed)
+    assert sum(line.startswith("delivery.delivered") for line in lines) == 3
+    for outbox_id in ids:
+        detail = counting.show(outbox_id)
+        assert detail.message.status == "delivered"
+        assert [a.outcome for a in detail.attempts] == ["delivered"]
+
+
+async def test_stop_commits_an_outcome_still_waiting_for_the_group_commit(
+    store: Outbox, quick_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Until its outcome is committed a message stays leased (a crash then loses nothing:
+    the lease expires and it is redelivered); a graceful stop commits it before exiting."""
+    ids = [store.enqueue(built(quick_settings, n)) for n in range(2)]
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    deliver = HeldDeliver()
+    # The writer waits for the attempt still running (for an hour, here) before committing.
+    worker = worker_for(store, quick_settings, deliver, record_window=3600, shutdown_grace=0.2)
+    task = asyncio.create_task(worker.run())
+    await deliver.wait_calls(2)
+    deliver.release(0)  # one of the two ends; the other never does
+    await asyncio.sleep(0.2)
+    rows = [store.get(i) for i in ids]
+    assert {r.status for r in rows} == {"sending"}
+    assert {r.lease_owner for r in rows} == {worker.id}
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    details = [store.show(i) for i in ids]
+    outcomes = sorted(tuple(a.outcome for a in d.attempts) for d in details)
+    assert outcomes == [("delivered",), ("interrupted",)]
+    assert sorted(d.message.status for d in details) == ["deferred", "delivered"]
+    assert all(d.message.lease_owner is None for d in details)
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    assert sum(line.startswith("delivery.delivered") for line in lines) == 1
 
 
 # --- end to end: real signing, DNS and SMTP ------------------------------------------------
