@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import email.policy
+import functools
 import logging
 import re
 import secrets
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 import sqlalchemy as sa
 from alembic import command
@@ -457,7 +458,11 @@ def _sqlite_path(url: sa.URL) -> Path | None:
 
 
 def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT) -> Engine:
-    """An engine for the outbox: pre-pinged pools; SQLite tuned for durability."""
+    """An engine for the outbox; SQLite tuned for durability.
+
+    No pool_pre_ping: it costs a round trip per transaction. A pooled connection the server
+    has closed fails the transaction's first statement instead, before anything is
+    committed, and the store method runs again once on a fresh connection (`_replayed`)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         path = _sqlite_path(parsed)
@@ -465,7 +470,6 @@ def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT) -> Engin
             path.parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
             parsed,
-            pool_pre_ping=True,
             connect_args={"timeout": busy_timeout, "check_same_thread": False},
         )
 
@@ -475,9 +479,7 @@ def make_engine(url: str, *, busy_timeout: float = SQLITE_BUSY_TIMEOUT) -> Engin
         event.listen(engine, "connect", on_connect)
         event.listen(engine, "begin", _sqlite_on_begin)
         return engine
-    return sa.create_engine(
-        parsed, pool_pre_ping=True, pool_size=5, max_overflow=10, pool_recycle=1800
-    )
+    return sa.create_engine(parsed, pool_size=5, max_overflow=10, pool_recycle=1800)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, busy_timeout_ms: int) -> None:
@@ -504,6 +506,33 @@ def alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
     return config
+
+
+class _StaleConnection(StoreUnavailable):
+    """The connection was found dead before the transaction committed anything: the server
+    closed it while it sat in the pool (restart, idle timeout, pg_terminate_backend)."""
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _replayed(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run a store method once more when its connection turned out to be dead before COMMIT.
+
+    Nothing of the first run was committed (a lost COMMIT is never replayed: it stays a
+    StoreUnavailable), and SQLAlchemy has invalidated the pool, so the second run gets a
+    fresh connection. This replaces pool_pre_ping's round trip on every checkout."""
+
+    @functools.wraps(method)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except _StaleConnection as exc:
+            log_event(log, "store.reconnect", method=method.__name__, error=str(exc))
+            return method(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -579,8 +608,9 @@ class Outbox:
             command.upgrade(alembic_config(conn), revision)
         self._schema_ready = True
 
+    @_replayed
     def current_revision(self) -> str | None:
-        with self._store(), self.engine.connect() as conn:
+        with self._store(replayable=True), self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
     def head_revision(self) -> str | None:
@@ -596,21 +626,34 @@ class Outbox:
         self._schema_ready = True
 
     @contextmanager
-    def _store(self) -> Iterator[None]:
-        """Turn the database's way of saying "not now" into StoreUnavailable."""
+    def _store(self, *, replayable: bool = False) -> Iterator[None]:
+        """Turn the database's way of saying "not now" into StoreUnavailable; `replayable`:
+        nothing in the block commits, so a dead connection may be retried (`_replayed`)."""
         try:
             yield
-        except (DBAPIError, OSError) as exc:
+        except DBAPIError as exc:
+            if replayable and exc.connection_invalidated:
+                raise _StaleConnection(f"outbox store connection lost: {exc}") from exc
+            raise StoreUnavailable(f"outbox store unavailable: {exc}") from exc
+        except OSError as exc:
             raise StoreUnavailable(f"outbox store unavailable: {exc}") from exc
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
+        """One transaction. A connection lost inside it (before COMMIT) raises
+        _StaleConnection, which a `_replayed` method retries once."""
         self._ready()
         with self._store(), self.engine.begin() as conn:
-            yield conn
+            try:
+                yield conn
+            except DBAPIError as exc:
+                if exc.connection_invalidated:
+                    raise _StaleConnection(f"outbox store connection lost: {exc}") from exc
+                raise
 
     # --- accept path ---
 
+    @_replayed
     def enqueue(self, built: BuiltLike, *, metadata: Mapping[str, str] | None = None) -> str:
         """Store an unsigned message, due now; returns its outbox id only after the commit."""
         now = self.clock()
@@ -636,14 +679,16 @@ class Outbox:
             self._notify(conn)
         return outbox_id
 
+    @_replayed
     def ping(self) -> None:
         """Raise StoreUnavailable unless the store answers and the schema is in place."""
         self._ready()
-        with self._store(), self.engine.connect() as conn:
+        with self._store(replayable=True), self.engine.connect() as conn:
             conn.execute(sa.select(sa.func.count()).select_from(messages).where(sa.false()))
 
     # --- worker side ---
 
+    @_replayed
     def claim(
         self, owner: str, limit: int, lease_seconds: float, *, give_up: float | None = None
     ) -> list[Claimed]:
@@ -779,6 +824,7 @@ class Outbox:
             .values(last_code=None, last_enhanced_status=None, last_mx=None, last_text=text)
         )
 
+    @_replayed
     def renew(self, owner: str, ids: Sequence[str], lease_seconds: float) -> int:
         """Extend the lease of messages still being sent (the worker's heartbeat)."""
         if not ids:
@@ -793,6 +839,7 @@ class Outbox:
             )
             return int(result.rowcount)
 
+    @_replayed
     def release(self, owner: str, ids: Sequence[str], *, started: bool = False) -> int:
         """Hand claimed messages back, due now (shutdown). `started`: an attempt was cut off,
         so it is recorded as interrupted and flagged as a possible duplicate."""
@@ -852,6 +899,7 @@ class Outbox:
         )
         return decision
 
+    @_replayed
     def record_attempts(
         self, finished: Sequence[Finished], *, owner: str, policy: RetryPolicy
     ) -> list[Decision]:
@@ -967,6 +1015,7 @@ class Outbox:
 
     # --- operator side ---
 
+    @_replayed
     def list_messages(
         self,
         *,
@@ -984,6 +1033,7 @@ class Outbox:
         with self._tx() as conn:
             return [_message_row(row) for row in conn.execute(query).all()]
 
+    @_replayed
     def get(self, outbox_id: str) -> MessageRow:
         with self._tx() as conn:
             row = conn.execute(
@@ -993,6 +1043,7 @@ class Outbox:
             raise MessageNotFound(outbox_id)
         return _message_row(row)
 
+    @_replayed
     def show(self, outbox_id: str) -> MessageDetail:
         """The message, its (unsigned) body if kept, and every attempt with every host."""
         with self._tx() as conn:
@@ -1027,6 +1078,7 @@ class Outbox:
         body = bytes(row.body) if row.body is not None else None
         return MessageDetail(_message_row(row), body, tuple(records))
 
+    @_replayed
     def retry(self, outbox_id: str) -> bool:
         """Make a failed or deferred message due now; False if it is in another state."""
         m = messages.c
@@ -1038,6 +1090,7 @@ class Outbox:
             self._notify(conn)
             return bool(changed)
 
+    @_replayed
     def retry_failed(self) -> int:
         """Make every failed message due now."""
         with self._tx() as conn:
@@ -1058,6 +1111,7 @@ class Outbox:
             )
         )
 
+    @_replayed
     def purge(self, older_than: timedelta) -> int:
         """Drop the bodies of delivered and failed messages older than that; keep the log."""
         now = self.clock()
@@ -1075,12 +1129,14 @@ class Outbox:
                 ).rowcount
             )
 
+    @_replayed
     def counts(self) -> dict[str, int]:
         m = messages.c
         with self._tx() as conn:
             rows = conn.execute(sa.select(m.status, sa.func.count()).group_by(m.status)).all()
         return {status: int(count) for status, count in rows}
 
+    @_replayed
     def queue_check(
         self, max_age: timedelta, *, failed_within: timedelta | None = None
     ) -> QueueHealth:

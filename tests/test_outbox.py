@@ -6,6 +6,7 @@ Every store test runs against SQLite and a fresh PostgreSQL database (`database_
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -40,6 +41,7 @@ from relay.outbox import (
     reply_fields,
 )
 from relay.smtp import AttemptResult, HostTry, Outcome
+from tests.conftest import POSTGRES_ADMIN_URL
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -509,6 +511,45 @@ def test_record_attempts_is_all_or_nothing(store: Outbox, plain_settings: Settin
     assert detail.attempts == ()
     assert store.record_attempt(claimed, delivered(), owner="w1", policy=POLICY).applied
     assert store.get(outbox_id).status == "delivered"
+
+
+def test_a_connection_the_server_closed_is_replaced_without_a_ping(
+    postgres_url: str, plain_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No pool_pre_ping: a pooled connection PostgreSQL terminated fails the next transaction
+    before anything is committed, and the store method runs once more on a fresh one."""
+    import psycopg
+
+    app = "relay-stale-test"
+    store = Outbox(f"{postgres_url}?application_name={app}")
+    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
+
+    def terminate() -> int:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (app,),
+        ).fetchall()
+        return sum(1 for (ok,) in rows if ok)
+
+    caplog.set_level(logging.INFO, logger="relay.outbox")
+    try:
+        first = store.enqueue(built(plain_settings, 1))
+        assert terminate() >= 1
+        second = store.enqueue(built(plain_settings, 2))
+        assert terminate() >= 1
+        assert {c.id for c in store.claim("w1", 5, 60)} == {first, second}
+        assert terminate() >= 1
+        store.ping()
+        assert sorted(r.id for r in store.list_messages()) == sorted([first, second])
+    finally:
+        admin.close()
+        store.dispose()
+    reconnects = [r.getMessage() for r in caplog.records if "store.reconnect" in r.getMessage()]
+    assert [line.split()[1] for line in reconnects] == [
+        "method=enqueue",
+        "method=claim",
+        "method=ping",
+    ]
 
 
 # --- the schedule: pure -------------------------------------------------------------------
