@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench import profile
+from bench import pipeline, profile
 from bench.util import (
     ROOT,
     PeakRSS,
@@ -166,6 +166,17 @@ class Sampler:
         self._thread.join()
 
 
+def server_cpu_seconds(master_pid: int) -> float:
+    """CPU time of gunicorn's workers: the live ones, plus those the master has reaped
+    (recycled after max_requests), which /proc counts in the master's cutime and cstime."""
+    try:
+        fields = Path(f"/proc/{master_pid}/stat").read_text().rpartition(")")[2].split()
+        reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        reaped = 0.0
+    return reaped + sum(pipeline.cpu_seconds(pid) for pid in children(master_pid))
+
+
 def measure(
     app: str,
     env: dict[str, str],
@@ -197,15 +208,19 @@ def measure(
                 )
         for number, clients in enumerate(concurrencies, start=1):
             time.sleep(0.5)
-            results["runs"].append(
-                wrk(
-                    base + path,
-                    clients=clients,
-                    seconds=seconds,
-                    body=body.replace("{i}", f"{number}{{i}}"),
-                    headers=headers,
-                )
+            cpu = server_cpu_seconds(proc.pid)
+            run = wrk(
+                base + path,
+                clients=clients,
+                seconds=seconds,
+                body=body.replace("{i}", f"{number}{{i}}"),
+                headers=headers,
             )
+            # CPU per request does not depend on what else loads the machine, unlike req/s.
+            run["server_cpu_ms_per_request"] = round(
+                (server_cpu_seconds(proc.pid) - cpu) / max(1, run["requests"]) * 1000, 3
+            )
+            results["runs"].append(run)
         spies.close()
     results["worker_peak_rss_mb"] = sampler.peak.max_mb
     return results
