@@ -9,6 +9,9 @@ import multiprocessing
 import os
 
 bind = os.environ.get("FORMRELAY_BIND", "127.0.0.1:8000")
+# On 2 cores the bench (bench/run --only accept) put 2 x 8, 3 x 4 and 4 x 4 within its
+# run-to-run noise of each other; each worker costs ~95 MB, and with memory:// rate limits
+# each keeps its own counts (use redis:// with more than one).
 workers = int(os.environ.get("FORMRELAY_WEB_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
 threads = int(os.environ.get("FORMRELAY_WEB_THREADS", "4"))
 worker_class = "gthread"
