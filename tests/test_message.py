@@ -555,3 +555,52 @@ def test_any_input_gives_a_clean_message_or_message_error(
     assert [a.addr_spec for a in msg["To"].addresses] == [cfg.support_address]
     expected_body = sanitize_text(message, max_length=MESSAGE_MAX, multiline=True)
     assert body_of(built.raw).startswith(expected_body + "\n\n")
+
+
+# --- the wire writer is the email package's generator, minus the message object -------------
+
+
+def _generator_bytes(headers: list[tuple[str, object]], payload: str) -> bytes:
+    """What the builder wrote before it skipped EmailMessage: the reference for _wire."""
+    msg = EmailMessage(policy=message_module._POLICY)
+    for name, value in headers:
+        msg[name] = value
+    msg.set_payload(payload)
+    return msg.as_bytes(policy=message_module._POLICY)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(
+    name=st.text(max_size=200),
+    subject=st.text(max_size=300),
+    local=st.from_regex(r"[a-z0-9.+_-]{1,40}", fullmatch=True),
+    body=st.text(max_size=500),
+)
+def test_wire_writer_is_byte_identical_to_the_generator(
+    name: str, subject: str, local: str, body: str
+) -> None:
+    try:  # values that Address itself refuses reach neither writer
+        sender = Address(display_name=name, addr_spec="noreply@relay.test")
+        visitor = Address(addr_spec=f"{local}@visitor.test")
+    except (ValueError, TypeError, IndexError):
+        return
+    headers: list[tuple[str, object]] = [
+        ("From", sender),
+        ("To", Address(addr_spec="support@support.test")),
+        ("Reply-To", visitor),
+        ("Subject", subject),
+        ("Date", "Sat, 28 Nov 2026 12:30:05 +0000"),
+        ("Message-ID", "<abc.123@relay.test>"),
+        ("MIME-Version", "1.0"),
+        ("Content-Type", 'text/plain; charset="utf-8"'),
+        ("Content-Transfer-Encoding", "quoted-printable"),
+    ]
+    payload = message_module._qp_encode(body)
+    try:
+        expected = _generator_bytes(headers, payload)
+    except (ValueError, TypeError, IndexError) as exc:
+        with pytest.raises(type(exc)):
+            message_module._wire([message_module._header(n, v) for n, v in headers], payload)
+        return
+    wire = message_module._wire([message_module._header(n, v) for n, v in headers], payload)
+    assert wire == expected
