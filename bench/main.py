@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--worker-concurrency", type=int, help="RELAY_WORKER_CONCURRENCY for e2e/drain (10)"
     )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=1,
+        help="relay worker processes for e2e/drain, on the same store (1)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
     parser.add_argument(
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     extra["PYTHONPATH"] = str(ROOT / "bench" / "whatif")
                 if args.worker_concurrency:
                     extra["RELAY_WORKER_CONCURRENCY"] = str(args.worker_concurrency)
+                if args.worker_processes > 1:
+                    extra["BENCH_WORKER_PROCESSES"] = str(args.worker_processes)
                 return pipeline.environ(
                     world.relay_env(
                         keys,
@@ -383,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "what_if": args.what_if,
         "n": args.messages,
+        "worker_processes": args.worker_processes,
         "accept_seconds": args.seconds,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,

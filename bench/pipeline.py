@@ -17,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,33 @@ def produce(outbox: Any, built: Sequence[Any], producers: int = PRODUCERS) -> fl
     return time.monotonic()
 
 
-def _worker(env: dict[str, str], log: Path) -> Any:
-    return running([venv_tool("relay"), "worker"], env=env, log=log, cwd=ROOT)
+@contextlib.contextmanager
+def _workers(env: dict[str, str], log: Path, processes: int) -> Iterator[list[Any]]:
+    """`processes` independent `relay worker` processes on the same store, as an operator
+    runs several (formrelay-worker@N): each claims its own batch (SKIP LOCKED / BEGIN
+    IMMEDIATE)."""
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                running(
+                    [venv_tool("relay"), "worker"],
+                    env=env,
+                    log=log if i == 0 else log.with_suffix(f".{i}.log"),
+                    cwd=ROOT,
+                )
+            )
+            for i in range(processes)
+        ]
+        yield procs
+
+
+def _cpu(procs: Sequence[Any]) -> float:
+    return sum(cpu_seconds(proc.pid) for proc in procs)
+
+
+def _processes_note(env: dict[str, str]) -> str:
+    count = int(env.get("BENCH_WORKER_PROCESSES", "1"))
+    return f"; {count} worker processes" if count > 1 else ""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -66,14 +91,16 @@ def _to(env: dict[str, str], sink: Sink) -> dict[str, str]:
     return {**env, "RELAY_SMTP_PORT": str(sink.port)}
 
 
-def _wait_started(log: Path, proc: Any) -> None:
-    if not wait_until(lambda: "worker.started" in log.read_text(errors="replace"), 30):
-        raise RuntimeError(f"relay worker did not start (exit {proc.poll()}); see {log}")
+def _wait_started(log: Path, procs: Sequence[Any]) -> None:
+    for i, proc in enumerate(procs):
+        own = log if i == 0 else log.with_suffix(f".{i}.log")
+        if not wait_until(lambda own=own: "worker.started" in own.read_text(errors="replace"), 30):
+            raise RuntimeError(f"relay worker did not start (exit {proc.poll()}); see {own}")
 
 
-def _watch_rss(pid: int, stop: threading.Event, peak: PeakRSS) -> None:
+def _watch_rss(pids: list[int], stop: threading.Event, peak: PeakRSS) -> None:
     while not stop.wait(0.25):
-        peak.sample([pid])
+        peak.sample(pids)
 
 
 def relay_e2e(
@@ -89,20 +116,22 @@ def relay_e2e(
     outbox = make_outbox()
     n = len(built)
     log = work / "worker-e2e.log"
+    processes = int(env.get("BENCH_WORKER_PROCESSES", "1"))
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(Sink(work / "sink-e2e"))
-        proc = stack.enter_context(_worker(_to(env, sink), log))
-        _wait_started(log, proc)
+        procs = stack.enter_context(_workers(_to(env, sink), log, processes))
+        pids = [proc.pid for proc in procs]
+        _wait_started(log, procs)
         if profile_to is not None:
-            stack.enter_context(profile.record(proc.pid, profile_to))
+            stack.enter_context(profile.record(pids[0], profile_to))
         peak, stop = PeakRSS(), threading.Event()
-        threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
+        threading.Thread(target=_watch_rss, args=(pids, stop, peak), daemon=True).start()
         started = time.monotonic()
         accepted_at = produce(outbox, built)
         done = sink.wait_for(n, timeout)
         stop.set()
-        peak.sample([proc.pid])
-        cpu = cpu_seconds(proc.pid)
+        peak.sample(pids)
+        cpu = _cpu(procs)
         row = _row(n, started, sink, done)
         row["accept_messages_per_second"] = round(n / (accepted_at - started), 1)
         row["worker_peak_rss_mb"] = peak.max_mb
@@ -112,7 +141,7 @@ def relay_e2e(
             f"worker CPU {row['worker_cpu_ms_per_message']} ms/message; "
             f"accept {row['accept_messages_per_second']}/s; concurrency "
             f"{env.get('RELAY_WORKER_CONCURRENCY', '10 (default)')}; DKIM "
-            f"{'valid' if row['dkim_valid'] else 'NOT valid'}"
+            f"{'valid' if row['dkim_valid'] else 'NOT valid'}{_processes_note(env)}"
         )
     row["outbox"] = outbox.counts()
     outbox.dispose()
@@ -136,15 +165,18 @@ def relay_drain(
     with Sink(work / "sink-drain") as sink:
         started = time.monotonic()
         with contextlib.ExitStack() as stack:
-            proc = stack.enter_context(_worker(_to(env, sink), log))
+            procs = stack.enter_context(
+                _workers(_to(env, sink), log, int(env.get("BENCH_WORKER_PROCESSES", "1")))
+            )
+            pids = [proc.pid for proc in procs]
             if profile_to is not None:
-                stack.enter_context(profile.record(proc.pid, profile_to))
+                stack.enter_context(profile.record(pids[0], profile_to))
             peak, stop = PeakRSS(), threading.Event()
-            threading.Thread(target=_watch_rss, args=(proc.pid, stop, peak), daemon=True).start()
+            threading.Thread(target=_watch_rss, args=(pids, stop, peak), daemon=True).start()
             done = sink.wait_for(n, timeout)
             stop.set()
-            peak.sample([proc.pid])
-            cpu = cpu_seconds(proc.pid)
+            peak.sample(pids)
+            cpu = _cpu(procs)
         row = _row(n, started, sink, done)
         row["worker_peak_rss_mb"] = peak.max_mb
         row["worker_cpu_ms_per_message"] = round(cpu / n * 1000, 2)
@@ -157,6 +189,7 @@ def relay_drain(
             f"worker CPU {row['worker_cpu_ms_per_message']} ms/message; "
             f"clock starts at process start (imports included); "
             f"{row.get('after_first_delivery_per_second')}/s after the first delivery"
+            f"{_processes_note(env)}"
         )
     row["outbox"] = outbox.counts()
     outbox.dispose()
