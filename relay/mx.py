@@ -105,17 +105,22 @@ async def _ask(
     """Run one query: (records as text, None, "") or ([], how it failed, why)."""
     try:
         answer = await resolver.resolve(name, rdtype, search=False)
-    except dns.resolver.NXDOMAIN:
-        return [], _Lookup.NXDOMAIN, f"{rdtype}: NXDOMAIN"
-    except dns.resolver.NoAnswer:
-        return [], _Lookup.NODATA, f"{rdtype}: no records"
-    except dns.resolver.NoNameservers as exc:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: no nameserver answered (SERVFAIL?): {exc}"
-    except dns.exception.Timeout:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: timed out"
     except dns.exception.DNSException as exc:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: {type(exc).__name__}: {exc}"
+        return [], *_failure(exc, rdtype)
     return [rdata.to_text() for rdata in answer], None, ""
+
+
+def _failure(exc: dns.exception.DNSException, rdtype: str) -> tuple[_Lookup, str]:
+    """How a query failed, and why in words for the log."""
+    if isinstance(exc, dns.resolver.NXDOMAIN):
+        return _Lookup.NXDOMAIN, f"{rdtype}: NXDOMAIN"
+    if isinstance(exc, dns.resolver.NoAnswer):
+        return _Lookup.NODATA, f"{rdtype}: no records"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        return _Lookup.TEMPORARY, f"{rdtype}: no nameserver answered (SERVFAIL?): {exc}"
+    if isinstance(exc, dns.exception.Timeout):
+        return _Lookup.TEMPORARY, f"{rdtype}: timed out"
+    return _Lookup.TEMPORARY, f"{rdtype}: {type(exc).__name__}: {exc}"
 
 
 async def _ask_mx(
@@ -242,16 +247,8 @@ def _ask_blocking(
     """_ask for a blocking resolver (same outcomes)."""
     try:
         answer = resolver.resolve(name, rdtype, search=False)
-    except dns.resolver.NXDOMAIN:
-        return [], _Lookup.NXDOMAIN, f"{rdtype}: NXDOMAIN"
-    except dns.resolver.NoAnswer:
-        return [], _Lookup.NODATA, f"{rdtype}: no records"
-    except dns.resolver.NoNameservers as exc:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: no nameserver answered (SERVFAIL?): {exc}"
-    except dns.exception.Timeout:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: timed out"
     except dns.exception.DNSException as exc:
-        return [], _Lookup.TEMPORARY, f"{rdtype}: {type(exc).__name__}: {exc}"
+        return [], *_failure(exc, rdtype)
     return [rdata.to_text() for rdata in answer], None, ""
 
 
