@@ -98,9 +98,40 @@ def _wait_started(log: Path, procs: Sequence[Any]) -> None:
             raise RuntimeError(f"relay worker did not start (exit {proc.poll()}); see {own}")
 
 
-def _watch_rss(pids: list[int], stop: threading.Event, peak: PeakRSS) -> None:
-    while not stop.wait(0.25):
-        peak.sample(pids)
+class _Fleet:
+    """The run's `relay worker` processes: their peak RSS, sampled every 0.25 s until
+    `finish()`, and their CPU time."""
+
+    def __init__(self, procs: list[Any]) -> None:
+        self.procs = procs
+        self.pids = [proc.pid for proc in procs]
+        self.peak = PeakRSS()
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak.sample(self.pids)
+
+    def finish(self) -> float:
+        """Stop sampling; the processes' CPU seconds so far."""
+        self._stop.set()
+        self.peak.sample(self.pids)
+        return _cpu(self.procs)
+
+
+@contextlib.contextmanager
+def _fleet(
+    env: dict[str, str], log: Path, *, wait: bool, profile_to: Path | None
+) -> Iterator[_Fleet]:
+    """BENCH_WORKER_PROCESSES workers (1), py-spy on the first with `profile_to`."""
+    with contextlib.ExitStack() as stack:
+        procs = stack.enter_context(_workers(env, log, int(env.get("BENCH_WORKER_PROCESSES", "1"))))
+        if wait:
+            _wait_started(log, procs)
+        if profile_to is not None:
+            stack.enter_context(profile.record(procs[0].pid, profile_to))
+        yield _Fleet(procs)
 
 
 def relay_e2e(
@@ -116,25 +147,16 @@ def relay_e2e(
     outbox = make_outbox()
     n = len(built)
     log = work / "worker-e2e.log"
-    processes = int(env.get("BENCH_WORKER_PROCESSES", "1"))
     with contextlib.ExitStack() as stack:
         sink = stack.enter_context(Sink(work / "sink-e2e"))
-        procs = stack.enter_context(_workers(_to(env, sink), log, processes))
-        pids = [proc.pid for proc in procs]
-        _wait_started(log, procs)
-        if profile_to is not None:
-            stack.enter_context(profile.record(pids[0], profile_to))
-        peak, stop = PeakRSS(), threading.Event()
-        threading.Thread(target=_watch_rss, args=(pids, stop, peak), daemon=True).start()
+        fleet = stack.enter_context(_fleet(_to(env, sink), log, wait=True, profile_to=profile_to))
         started = time.monotonic()
         accepted_at = produce(outbox, built)
         done = sink.wait_for(n, timeout)
-        stop.set()
-        peak.sample(pids)
-        cpu = _cpu(procs)
+        cpu = fleet.finish()
         row = _row(n, started, sink, done)
         row["accept_messages_per_second"] = round(n / (accepted_at - started), 1)
-        row["worker_peak_rss_mb"] = peak.max_mb
+        row["worker_peak_rss_mb"] = fleet.peak.max_mb
         row["worker_cpu_ms_per_message"] = round(cpu / n * 1000, 2)
         row["dkim_valid"] = _check(sink, verify)
         row["notes"] = (
@@ -164,21 +186,11 @@ def relay_drain(
     log = work / "worker-drain.log"
     with Sink(work / "sink-drain") as sink:
         started = time.monotonic()
-        with contextlib.ExitStack() as stack:
-            procs = stack.enter_context(
-                _workers(_to(env, sink), log, int(env.get("BENCH_WORKER_PROCESSES", "1")))
-            )
-            pids = [proc.pid for proc in procs]
-            if profile_to is not None:
-                stack.enter_context(profile.record(pids[0], profile_to))
-            peak, stop = PeakRSS(), threading.Event()
-            threading.Thread(target=_watch_rss, args=(pids, stop, peak), daemon=True).start()
+        with _fleet(_to(env, sink), log, wait=False, profile_to=profile_to) as fleet:
             done = sink.wait_for(n, timeout)
-            stop.set()
-            peak.sample(pids)
-            cpu = _cpu(procs)
+            cpu = fleet.finish()
         row = _row(n, started, sink, done)
-        row["worker_peak_rss_mb"] = peak.max_mb
+        row["worker_peak_rss_mb"] = fleet.peak.max_mb
         row["worker_cpu_ms_per_message"] = round(cpu / n * 1000, 2)
         row["dkim_valid"] = _check(sink, verify)
         if sink.first_at is not None and sink.last_at is not None and sink.last_at > sink.first_at:
