@@ -20,6 +20,15 @@ the deciding `DeliveryError`, never exception text. Rules:
   STARTTLS required (`verify` when smtp_tls=verify, otherwise `encrypt`), AUTH when a user
   is set. An AUTH failure is temporary: the operator fixes the credentials and the queue
   drains, instead of every message failing for good.
+- Session reuse (`SessionCache`, passed by the worker): a session whose message got a 250
+  to the final dot is parked, keyed by MX host, address, port, TLS policy and context,
+  login and HELO name, and the next message whose fresh MX lookup (still one per message)
+  yields that target starts at MAIL FROM on it. Limits as Postfix's connection cache: idle
+  2 s (then QUIT), 300 s since connect, 100 messages. A reused session lost before the
+  final dot (connection lost, 421, no reply at all) was stale, not the host's answer: it
+  is logged as `smtp.session_stale`, is no host try, and the message goes over a fresh
+  connection to the same address. Any other reply, and anything at or after the dot, is
+  handled as on a fresh connection; after any failure the session is closed, never parked.
 - The DATA payload is the signed bytes, only dot-stuffed and terminated here; nothing
   re-serialises a message object, so the DKIM signature stays valid.
 """
@@ -74,6 +83,12 @@ DROP_TRIES = 2
 DROP_WAIT = 0.25
 # Addresses tried in one attempt at most (Postfix's smtp_mx_address_limit is 5).
 MAX_ADDRESSES = 10
+# Session reuse, as Postfix's connection cache: an idle session waits this long for the next
+# message (smtp_connection_cache_time_limit), is reused for this long at most since it
+# opened (smtp_connection_reuse_time_limit), and carries this many messages at most.
+SESSION_IDLE_LIMIT = 2.0
+SESSION_REUSE_LIMIT = 300.0
+SESSION_MAX_MESSAGES = 100
 
 _ENHANCED = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
 
@@ -192,6 +207,7 @@ class _Outcome:
     error: DeliveryError | None
     dropped: bool = False  # lost before the final dot: worth one quick retry
     tls_failed: bool = False  # handshake failed: `may` retries in plain text
+    stale: bool = False  # a reused session was gone before the dot: not the host's answer
 
 
 class _Refused(Exception):
@@ -213,27 +229,192 @@ class _Broken(Exception):
         super().__init__(reason)
 
 
-class _Conversation:
-    """One TCP connection to one address, from connect to the reply to the final dot."""
+async def _hang_up(
+    smtp: SMTP, raw_transport: asyncio.Transport | None, *, polite: bool, timeout: float
+) -> None:
+    """QUIT (when `polite` and still connected), then close."""
+    if polite and smtp.is_connected:
+        with contextlib.suppress(SMTPException, OSError):
+            await smtp.quit(timeout=timeout)
+    smtp.close()
+    # Closing a TLS transport waits for the peer's close_notify; we have nothing more to
+    # say, so drop the socket under it now rather than leave it to the event loop.
+    if raw_transport is not None and not raw_transport.is_closing():
+        raw_transport.abort()
+    await asyncio.sleep(0)
 
-    def __init__(self, target: _Target, job: _Job) -> None:
+
+@dataclass(frozen=True)
+class SessionKey:
+    """What a session was opened for: a parked session only carries a message whose fresh
+    lookup yields the same target under the same TLS policy, context, login and HELO."""
+
+    mx_host: str
+    ip: str
+    port: int
+    policy: TLSPolicy
+    context: int  # id() of the SSLContext (built once per policy and CA file)
+    username: str | None
+    helo: str
+
+
+@dataclass(eq=False)
+class _Session:
+    """An open SMTP session past EHLO (and STARTTLS, AUTH) whose last transaction ended in
+    a 250 to the final dot, so the next one starts at MAIL FROM (RFC 5321 §4.1.1.4)."""
+
+    smtp: SMTP
+    raw_transport: asyncio.Transport | None
+    tls: str | None
+    quit_timeout: float
+    opened: float  # time.monotonic() at connect
+    messages: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    async def close(self, *, polite: bool) -> None:
+        await _hang_up(self.smtp, self.raw_transport, polite=polite, timeout=self.quit_timeout)
+
+
+class SessionCache:
+    """Idle SMTP sessions, each kept for a next message to the same target (Postfix's
+    connection cache), so a steady flow of mail to one MX does not connect, EHLO, STARTTLS
+    and QUIT for every message.
+
+    The caller owns it (the worker, one per run) and uses it from one event loop; a session
+    serves one delivery at a time (taken out, parked again after a 250 to the final dot).
+    An idle session is QUIT after `idle_limit` seconds; `close()` QUITs every parked one
+    and must be awaited before the loop ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_idle: int = 10,
+        idle_limit: float = SESSION_IDLE_LIMIT,
+        reuse_limit: float = SESSION_REUSE_LIMIT,
+        max_messages: int = SESSION_MAX_MESSAGES,
+    ) -> None:
+        self.max_idle = max_idle  # idle sessions per key
+        self.idle_limit = idle_limit
+        self.reuse_limit = reuse_limit
+        self.max_messages = max_messages
+        self._idle: dict[SessionKey, list[_Session]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return sum(len(sessions) for sessions in self._idle.values())
+
+    def _worn_out(self, session: _Session) -> bool:
+        return (
+            session.messages >= self.max_messages
+            or time.monotonic() - session.opened >= self.reuse_limit
+        )
+
+    def take(self, key: SessionKey) -> _Session | None:
+        """The most recently parked live session for `key`, out of the cache; the older
+        ones go on ageing towards the idle limit."""
+        sessions = self._idle.get(key, [])
+        while sessions:
+            session = sessions.pop()
+            if session.timer is not None:
+                session.timer.cancel()
+            if session.alive and not self._worn_out(session):
+                return session
+            self._discard(session, polite=session.alive)
+        self._idle.pop(key, None)
+        return None
+
+    def park(self, key: SessionKey, session: _Session) -> bool:
+        """Keep `session` for the next message to `key`; False when it is worn out or the key
+        has `max_idle` sessions already (the caller then QUITs it)."""
+        sessions = self._idle.setdefault(key, [])
+        if not session.alive or self._worn_out(session) or len(sessions) >= self.max_idle:
+            return False
+        loop = asyncio.get_running_loop()
+        session.timer = loop.call_later(self.idle_limit, self._expire, key, session)
+        sessions.append(session)
+        return True
+
+    def _expire(self, key: SessionKey, session: _Session) -> None:
+        sessions = self._idle.get(key, [])
+        if session in sessions:
+            sessions.remove(session)
+            self._discard(session, polite=True)
+        if not sessions:
+            self._idle.pop(key, None)
+
+    def _discard(self, session: _Session, *, polite: bool) -> None:
+        task = asyncio.get_running_loop().create_task(session.close(polite=polite))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close(self) -> None:
+        """QUIT every parked session and wait for those already closing. Call it when no
+        delivery is running; the cache stays usable afterwards."""
+        idle, self._idle = self._idle, {}
+        for sessions in idle.values():
+            for session in sessions:
+                if session.timer is not None:
+                    session.timer.cancel()
+                self._discard(session, polite=True)
+        while self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _Conversation:
+    """One transaction on one address: a fresh TCP connection from connect to the reply to
+    the final dot, or (`session`) a parked session from MAIL FROM on.
+
+    With `sessions`, a session whose message was accepted is parked there instead of QUIT."""
+
+    def __init__(
+        self,
+        target: _Target,
+        job: _Job,
+        *,
+        sessions: SessionCache | None = None,
+        key: SessionKey | None = None,
+        session: _Session | None = None,
+    ) -> None:
         self.target = target
         self.job = job
         self.stage = "connect"
         self.tls: str | None = None
         self.code: int | None = None
         self.text = ""
+        self.replies = 0
         self.smtp: SMTP | None = None
         self.raw_transport: asyncio.Transport | None = None
+        self.sessions = sessions
+        self.key = key
+        self.session = session
+        if session is not None:
+            self.smtp, self.raw_transport, self.tls = (
+                session.smtp,
+                session.raw_transport,
+                session.tls,
+            )
+            self.stage = "mail"
+
+    def _stale(self, *, lost: bool = False, timed_out: bool = False) -> bool:
+        """On a reused session, a failure before the dot that says the session, not the
+        server's view of this message, is gone: connection lost, 421, or no reply at all."""
+        if self.session is None or self.stage == "dot":
+            return False
+        return lost or self.code == 421 or (timed_out and self.replies == 0)
 
     async def run(self, *, use_starttls: bool) -> _Outcome:
         started_at = datetime.now(UTC)
         start = time.monotonic()
         error: DeliveryError | None = None
-        dropped = tls_failed = polite = False
+        dropped = tls_failed = polite = delivered = stale = False
         try:
             await self._converse(use_starttls)
-            polite = True
+            polite = delivered = True
         except _Refused as exc:
             polite = True
             self.code = exc.code
@@ -247,6 +428,7 @@ class _Conversation:
                 port=self.target.port,
                 stage=self.stage,
             )
+            stale = self._stale()
         except _Broken as exc:
             self.code, self.text = exc.code, exc.reason
             error, tls_failed = self._failure(exc.reason), exc.tls_failed
@@ -254,16 +436,19 @@ class _Conversation:
         except TimeoutError:
             settings = self.job.settings
             timeout = settings.smtp_data_timeout if self.stage == "dot" else settings.smtp_timeout
+            stale = self._stale(timed_out=True)
             self.code, self.text = None, f"timed out after {timeout:g}s waiting at {self.stage}"
             error = self._failure(self.text)
         except ConnectionError as exc:  # aiosmtplib's disconnects are ConnectionErrors too
+            stale = self._stale(lost=True)
             self.code, self.text = None, f"connection lost at {self.stage}: {exc}"
             error, dropped = self._failure(self.text), self.stage != "dot"
         except (SMTPException, OSError) as exc:
             self.code, self.text = None, f"{type(exc).__name__} at {self.stage}: {exc}"
             error = self._failure(self.text)
         finally:
-            await self._close(polite=polite)
+            if not (delivered and self._park(start)):
+                await self._close(polite=polite and not stale)
         status = error.enhanced_status if isinstance(error, SMTPReplyError) else None
         if error is None:
             status, self.text = parse_reply(self.text)
@@ -279,7 +464,24 @@ class _Conversation:
             duration=round(time.monotonic() - start, 3),
             started_at=started_at,
         )
-        return _Outcome(host_try, error, dropped=dropped, tls_failed=tls_failed)
+        return _Outcome(host_try, error, dropped=dropped, tls_failed=tls_failed, stale=stale)
+
+    def _park(self, opened: float) -> bool:
+        """Hand the session to the cache for the next message; False: QUIT it as before."""
+        if self.sessions is None or self.key is None or self.smtp is None:
+            return False
+        session = self.session or _Session(
+            self.smtp,
+            self.raw_transport,
+            self.tls,
+            quit_timeout=min(5.0, self.job.settings.smtp_timeout),
+            opened=opened,
+        )
+        session.messages += 1
+        if not self.sessions.park(self.key, session):
+            return False
+        self.smtp = self.raw_transport = None
+        return True
 
     def _failure(self, reason: str) -> ConnectionFailure:
         return ConnectionFailure(
@@ -313,6 +515,7 @@ class _Conversation:
 
     def _reply(self, code: int, message: str, *accepted: int) -> None:
         self.code, self.text = code, message
+        self.replies += 1
         if code not in accepted:
             raise _Refused(code, message)
 
@@ -385,6 +588,12 @@ class _Conversation:
         self.code, self.text = reply.code, reply.message
 
     async def _converse(self, use_starttls: bool) -> None:
+        if self.session is None:
+            await self._open(use_starttls)
+        await self._transaction()
+
+    async def _open(self, use_starttls: bool) -> None:
+        """Connect, greeting, EHLO, STARTTLS and AUTH: everything before MAIL FROM."""
         sock = await self._connect()
         self.stage = "greeting"
         self.smtp = SMTP(
@@ -405,6 +614,8 @@ class _Conversation:
             await self._starttls()
         await self._auth()
 
+    async def _transaction(self) -> None:
+        assert self.smtp is not None
         self.stage = "mail"
         options = [f"SIZE={self.job.size}".encode()] if self.smtp.supports_extension("size") else []
         sender = quote_address(self.job.envelope_from).encode("ascii")
@@ -425,18 +636,11 @@ class _Conversation:
     async def _close(self, *, polite: bool) -> None:
         """QUIT after a reply; after a timeout or a broken stream, only close."""
         smtp, self.smtp = self.smtp, None
+        raw_transport, self.raw_transport = self.raw_transport, None
         if smtp is None:
             return
-        if polite and smtp.is_connected:
-            with contextlib.suppress(SMTPException, OSError):
-                await smtp.quit(timeout=min(5.0, self.job.settings.smtp_timeout))
-        smtp.close()
-        # Closing a TLS transport waits for the peer's close_notify; we have nothing more to
-        # say, so drop the socket under it now rather than leave it to the event loop.
-        if self.raw_transport is not None and not self.raw_transport.is_closing():
-            self.raw_transport.abort()
-        self.raw_transport = None
-        await asyncio.sleep(0)
+        timeout = min(5.0, self.job.settings.smtp_timeout)
+        await _hang_up(smtp, raw_transport, polite=polite, timeout=timeout)
 
 
 def _dropped(outcome: _Outcome) -> bool:
@@ -452,10 +656,11 @@ def _last_result(state: RetryCallState) -> _Outcome:
 @dataclass
 class _Attempt:
     job: _Job
+    sessions: SessionCache | None = None
     hosts: list[HostTry] = field(default_factory=list)
     possible_duplicate: bool = False
 
-    def record(self, outcome: _Outcome) -> None:
+    def record(self, outcome: _Outcome, *, reused: bool = False) -> None:
         host = outcome.host_try
         self.hosts.append(host)
         error = outcome.error
@@ -474,18 +679,66 @@ class _Attempt:
             status=host.enhanced_status,
             text=host.text,
             duration=f"{host.duration:.3f}",
+            reused=1 if reused else None,
             possible_duplicate=True if self.possible_duplicate else None,
         )
 
+    def _key(self, target: _Target) -> SessionKey:
+        job = self.job
+        return SessionKey(
+            target.mx_host,
+            target.ip,
+            target.port,
+            job.policy,
+            id(job.context),
+            job.username,
+            job.settings.helo_hostname,
+        )
+
+    def _conversation(self, target: _Target, session: _Session | None = None) -> _Conversation:
+        if self.sessions is None:
+            return _Conversation(target, self.job)
+        key = self._key(target)
+        return _Conversation(target, self.job, sessions=self.sessions, key=key, session=session)
+
+    async def _reuse(self, target: _Target) -> _Outcome | None:
+        """The message over a parked session to `target`; None when none is parked or it
+        turned out stale (logged, but no host try: the server never judged this message)."""
+        if self.sessions is None:
+            return None
+        session = self.sessions.take(self._key(target))
+        if session is None:
+            return None
+        outcome = await self._conversation(target, session).run(use_starttls=False)
+        if not outcome.stale:
+            self.record(outcome, reused=True)
+            return outcome
+        host = outcome.host_try
+        event(
+            log,
+            "smtp.session_stale",
+            host=host.mx_host,
+            ip=host.ip,
+            port=host.port,
+            stage=host.stage,
+            code=host.code,
+            reason=host.text,
+            messages=session.messages,
+        )
+        return None
+
     async def _once(self, target: _Target) -> _Outcome:
-        outcome = await _Conversation(target, self.job).run(use_starttls=True)
+        outcome = await self._conversation(target).run(use_starttls=True)
         self.record(outcome)
         if outcome.tls_failed and self.job.policy == "may":
-            outcome = await _Conversation(target, self.job).run(use_starttls=False)
+            outcome = await self._conversation(target).run(use_starttls=False)
             self.record(outcome)
         return outcome
 
     async def try_target(self, target: _Target) -> _Outcome:
+        reused = await self._reuse(target)
+        if reused is not None:
+            return reused
         retrying = AsyncRetrying(
             stop=stop_after_attempt(DROP_TRIES),
             wait=wait_fixed(DROP_WAIT),
@@ -542,11 +795,14 @@ async def deliver(
     resolver: Resolver,
     rng: random.Random | None = None,
     cafile: str | Path | None = None,
+    sessions: SessionCache | None = None,
 ) -> AttemptResult:
     """Make one delivery attempt of `signed` to `recipient`; never raises for delivery faults.
 
     `rng` orders MX hosts of equal preference (tests seed it); `cafile` replaces the system
-    CAs under smtp_tls=verify (tests pass their own CA).
+    CAs under smtp_tls=verify (tests pass their own CA). With `sessions`, a target that has a
+    parked session gets the message over it, and an accepted message leaves its session
+    there; without, every conversation ends in QUIT.
     """
     smarthost = settings.smarthost_address is not None
     policy: TLSPolicy = settings.smtp_tls
@@ -564,7 +820,7 @@ async def deliver(
         username=settings.smarthost_username if smarthost else None,
         password=password.get_secret_value() if smarthost and password else None,
     )
-    attempt = _Attempt(job)
+    attempt = _Attempt(job, sessions)
     try:
         targets = await _targets(settings, recipient, resolver, rng)
     except DNSError as exc:
