@@ -60,6 +60,7 @@ DUE_STATUSES = ("queued", "deferred", "sending")
 MIGRATION_LOCK_KEY = 0x7265_6C61_7900  # "relay\0": pg_advisory_xact_lock for migrations
 NOTIFY_CHANNEL = "relay_outbox"  # PostgreSQL: NOTIFY at commit wakes idle workers at once
 SQLITE_BUSY_TIMEOUT = 5.0  # seconds a write waits for SQLite's lock before StoreUnavailable
+ENQUEUE_GROUP_MAX = 64  # rows in one enqueue transaction (a process has a few threads)
 MIGRATIONS = Path(__file__).parent / "migrations"
 # Alembic keeps its migration context in module globals: one migration at a time per process.
 # Across processes and nodes, PostgreSQL's advisory lock (migrations/env.py) serialises them.
@@ -535,6 +536,29 @@ def _replayed(method: Callable[_P, _R]) -> Callable[_P, _R]:
     return wrapper
 
 
+@dataclass(eq=False)
+class _Waiting:
+    """An `enqueue` waiting for the group transaction that holds its row."""
+
+    row: dict[str, Any]
+    woken: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # commits the next group
+    committed: bool = False
+    alone: bool = False  # its group failed before COMMIT: store it in a transaction of its own
+    error: BaseException | None = None
+
+
+class _GroupFailure(Exception):
+    """enqueue's group transaction failed at `stage`; before "commit" nothing was written."""
+
+    def __init__(self, stage: Literal["begin", "insert", "commit"], error: BaseException) -> None:
+        self.stage = stage
+        self.error = error
+        invalidated = isinstance(error, DBAPIError) and error.connection_invalidated
+        self.stale = stage != "commit" and invalidated
+        super().__init__(f"{stage}: {error}")
+
+
 @dataclass(frozen=True)
 class Finished:
     """One ended attempt for `Outbox.record_attempts`."""
@@ -566,6 +590,12 @@ class Outbox:
         self._engine: Engine | None = None
         self._schema_ready = False
         self._lock = threading.Lock()
+        # enqueue's group commit: the rows waiting for a transaction, and whether a leader
+        # thread is committing (only one at a time, so on SQLite a process's accepting
+        # threads queue here instead of in the busy handler's sleeps).
+        self._group_mutex = threading.Lock()
+        self._group: list[_Waiting] = []
+        self._group_leading = False
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Outbox:
@@ -653,31 +683,136 @@ class Outbox:
 
     # --- accept path ---
 
-    @_replayed
     def enqueue(self, built: BuiltLike, *, metadata: Mapping[str, str] | None = None) -> str:
-        """Store an unsigned message, due now; returns its outbox id only after the commit."""
+        """Store an unsigned message, due now; returns its outbox id only after the commit.
+
+        Concurrent calls from one process's threads share a transaction (`_lead_group`): one
+        fsync on SQLite, one round trip to COMMIT on PostgreSQL. A call alone does not wait."""
         now = self.clock()
         outbox_id = new_id()
-        with self._tx() as conn:
-            conn.execute(
-                messages.insert().values(
-                    id=outbox_id,
-                    message_id=built.message_id,
-                    body=built.raw,
-                    size=len(built.raw),
-                    recipient=built.recipient,
-                    envelope_from=built.envelope_from,
-                    subject=built.subject,
-                    meta=dict(metadata or {}),
-                    status="queued",
-                    attempts=0,
-                    created_at=now,
-                    next_attempt_at=now,
-                    possible_duplicate=False,
-                )
-            )
-            self._notify(conn)
+        waiting = _Waiting(
+            {
+                "id": outbox_id,
+                "message_id": built.message_id,
+                "body": built.raw,
+                "size": len(built.raw),
+                "recipient": built.recipient,
+                "envelope_from": built.envelope_from,
+                "subject": built.subject,
+                "meta": dict(metadata or {}),
+                "status": "queued",
+                "attempts": 0,
+                "created_at": now,
+                "next_attempt_at": now,
+                "possible_duplicate": False,
+            },
+        )
+        with self._group_mutex:
+            self._group.append(waiting)
+            waiting.lead = not self._group_leading
+            self._group_leading = True
+        if not waiting.lead:
+            waiting.woken.wait()  # committed, failed, or handed the lead
+        if waiting.lead:
+            self._lead_group(waiting)
+        if waiting.error is not None:
+            raise waiting.error
+        if waiting.alone:
+            self._insert_alone(waiting.row)
+        elif not waiting.committed:
+            raise StoreUnavailable("outbox store unavailable: the group commit did not finish")
         return outbox_id
+
+    @_replayed
+    def _insert_alone(self, row: dict[str, Any]) -> None:
+        """One row in a transaction of its own, after its group failed before COMMIT (so that
+        one bad row does not refuse the others)."""
+        with self._tx() as conn:
+            conn.execute(messages.insert().values(**row))
+            self._notify(conn)
+
+    def _lead_group(self, own: _Waiting) -> None:
+        """Commit the waiting rows in one transaction, tell each waiter, hand the lead on.
+
+        A connection found dead before COMMIT is replaced and the group committed once more
+        (as `_replayed` does); a lost COMMIT is never replayed. If the transaction fails,
+        nobody in the group is told success: a failed statement sends each row of a larger
+        group to a transaction of its own, any other failure is StoreUnavailable for each."""
+        group: list[_Waiting] = []
+        try:
+            for replay in (False, True):
+                try:
+                    self._commit_group(group)
+                except _GroupFailure as failure:
+                    if failure.stale and not replay:
+                        log_event(
+                            log,
+                            "store.reconnect",
+                            method="enqueue",
+                            rows=len(group),
+                            error=str(failure.error),
+                        )
+                        continue
+                    self._fail_group(group, failure)
+                else:
+                    for waiting in group:
+                        waiting.committed = True
+                break
+        finally:
+            with self._group_mutex:
+                if own in self._group:  # interrupted before taking its group: not committed
+                    self._group.remove(own)
+                following = self._group[0] if self._group else None
+                if following is not None:
+                    following.lead = True
+                self._group_leading = following is not None
+            if following is not None:
+                following.woken.set()
+            for waiting in group:
+                waiting.woken.set()
+
+    def _take_group(self, group: list[_Waiting]) -> None:
+        if not group:
+            with self._group_mutex:
+                group.extend(self._group[:ENQUEUE_GROUP_MAX])
+                del self._group[: len(group)]
+
+    def _commit_group(self, group: list[_Waiting]) -> None:
+        """One transaction for the waiting rows, taken once BEGIN has returned: on SQLite the
+        rows that arrive while the leader waits for the write lock join it."""
+        stage: Literal["begin", "insert", "commit"] = "begin"
+        try:
+            self._ready()
+            with self.engine.connect() as conn:
+                transaction = conn.begin()
+                self._take_group(group)
+                stage = "insert"
+                conn.execute(messages.insert(), [waiting.row for waiting in group])
+                self._notify(conn)
+                stage = "commit"
+                transaction.commit()
+        except Exception as exc:
+            self._take_group(group)
+            raise _GroupFailure(stage, exc) from exc
+
+    def _fail_group(self, group: list[_Waiting], failure: _GroupFailure) -> None:
+        error = failure.error
+        if failure.stage == "insert" and len(group) > 1 and not failure.stale:
+            log_event(log, "store.group_failed", logging.WARNING, rows=len(group), error=str(error))
+            for waiting in group:
+                waiting.alone = True
+            return
+        if len(group) == 1 and not isinstance(error, (DBAPIError, OSError)):
+            group[0].error = error  # StoreUnavailable from _ready, or the row's own error
+            return
+        text = (
+            str(error)
+            if isinstance(error, StoreUnavailable)
+            else f"outbox store unavailable: {error}"
+        )
+        for waiting in group:
+            waiting.error = StoreUnavailable(text)
+            waiting.error.__cause__ = error
 
     @_replayed
     def ping(self) -> None:
