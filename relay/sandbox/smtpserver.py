@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from typing import Self
 
 from aiosmtpd.smtp import SMTP
@@ -34,15 +35,19 @@ class ThreadedSMTPServer:
     def start(self) -> Self:
         ready = threading.Event()
         errors: list[BaseException] = []
+        connections: weakref.WeakSet[SMTP] = weakref.WeakSet()
+
+        def factory() -> SMTP:
+            protocol = self._factory()
+            connections.add(protocol)
+            return protocol
 
         def run() -> None:
             loop = asyncio.new_event_loop()
             self._loop = loop
             asyncio.set_event_loop(loop)
             try:
-                server = loop.run_until_complete(
-                    loop.create_server(self._factory, self.host, self._port)
-                )
+                server = loop.run_until_complete(loop.create_server(factory, self.host, self._port))
                 self._port = int(server.sockets[0].getsockname()[1])
             except OSError as exc:
                 errors.append(exc)
@@ -51,6 +56,11 @@ class ThreadedSMTPServer:
                 return
             ready.set()
             loop.run_forever()
+            # A client may still hold a session open (relay.smtp keeps idle ones for the next
+            # message): close it here, or its transport outlives the loop.
+            for protocol in list(connections):
+                if isinstance(protocol.transport, asyncio.Transport):
+                    protocol.transport.abort()
             server.close()
             loop.run_until_complete(server.wait_closed())
             pending = asyncio.all_tasks(loop)
