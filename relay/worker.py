@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -115,6 +116,7 @@ class Worker:
         self._deliver = deliver
         self._sign = sign
         self._resolver = resolver
+        self._sessions: smtp.SessionCache | None = None  # with the real deliver only
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self.listening: asyncio.Event | None = None
@@ -130,7 +132,9 @@ class Worker:
 
     def _deliver_fn(self) -> DeliverFn:
         if self._deliver is None:
-            self._deliver = cast(DeliverFn, smtp.deliver)
+            self._sessions = smtp.SessionCache(max_idle=self.settings.worker_concurrency)
+            deliver = functools.partial(smtp.deliver, sessions=self._sessions)
+            self._deliver = cast(DeliverFn, deliver)
         return self._deliver
 
     def _sign_fn(self) -> Callable[[bytes], bytes]:
@@ -209,6 +213,8 @@ class Worker:
                     await self._coalesce(concurrency)
         finally:
             await self._drain()
+            if self._sessions is not None:
+                await self._sessions.close()  # QUIT the idle SMTP sessions
             await self._close_writer(writer)
             for task in (heartbeat, listener):
                 task.cancel()

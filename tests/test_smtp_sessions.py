@@ -18,10 +18,13 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from relay.config import Settings
 from relay.errors import ConnectionFailure, SMTPReplyError
 from relay.mx import make_resolver
+from relay.outbox import Outbox
 from relay.smtp import AttemptResult, SessionCache, deliver
+from relay.worker import Worker
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer
+from tests.test_outbox import built
 
 SENDER = "form@relay.test"
 SUPPORT = "help@support.test"
@@ -482,3 +485,30 @@ async def test_a_drop_after_the_dot_on_a_reused_session_is_a_possible_duplicate(
     assert len(mx_server.messages) == 2  # the server did take it
     assert mx_server.counts.connections == 1, "never retried after the dot"
     assert len(sessions) == 0
+
+
+# --- the worker -----------------------------------------------------------------------------
+
+
+async def test_the_worker_reuses_sessions_and_quits_them_when_it_stops(
+    make_settings: Callable[..., Settings],
+    world_dns: DNSZoneServer,
+    mx_server: CountingPeer,
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+        RELAY_WORKER_CONCURRENCY="1",
+    )
+    store = Outbox(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    try:
+        ids = [store.enqueue(built(settings, n)) for n in range(4)]
+        await Worker(store, settings, poll_interval=0.05).run(once=True)
+        assert [store.get(i).status for i in ids] == ["delivered"] * 4
+    finally:
+        store.dispose()
+    counts = mx_server.counts
+    assert len(mx_server.messages) == 4
+    assert (counts.connections, counts.ehlos, counts.quits) == (1, 1, 1)
+    assert world_dns.queried("support.test", "MX") == 4
