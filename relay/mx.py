@@ -270,9 +270,10 @@ async def domain_accepts_mail(domain: str, resolver: Resolver) -> bool | None:
 # _Resolution (nameserver order, retries and backoff, SERVFAIL, NXDOMAIN, NoAnswer, TCP after a
 # truncated reply, the lifetime), with a bare socket per query, and reads a plain reply straight
 # from the wire; every other reply is read by dnspython as before. It follows Resolver.resolve's
-# loop and private helpers, so it runs only on the dnspython versions it was checked against.
+# loop and private helpers, so it runs only on the dnspython release it was checked against
+# (2.9.x); any other release takes Resolver.resolve. tests/test_mx_lean.py compares the two.
 
-_LEAN_DNSPYTHON = (2, 9) <= (dns.version.MAJOR, dns.version.MINOR) < (3, 0)
+_LEAN_DNSPYTHON = (dns.version.MAJOR, dns.version.MINOR) == (2, 9)
 
 _HEADER = struct.Struct("!HHHHHH")
 _RR = struct.Struct("!HHIH")
