@@ -23,22 +23,10 @@ from sqlalchemy import event
 
 from relay.config import Settings
 from relay.errors import StoreUnavailable
-from relay.message import BuiltMessage, Submission, build_message
+from relay.message import BuiltMessage
 from relay.outbox import Outbox, messages
 from tests.conftest import POSTGRES_ADMIN_URL
-
-
-def built(settings: Settings, n: int) -> BuiltMessage:
-    return build_message(
-        Submission(
-            name="Ada Visitor",
-            email="ada@visitor.test",
-            subject=f"Order {n} is late",
-            message="Hello,\nmy order has not arrived.\n",
-            metadata={"page": "https://shop.test/contact"},
-        ),
-        settings,
-    )
+from tests.test_outbox import built
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
