@@ -23,8 +23,8 @@ the deciding `DeliveryError`, never exception text. Rules:
 - Session reuse (`SessionCache`, passed by the worker): a session whose message got a 250
   to the final dot is parked, keyed by MX host, address, port, TLS policy and context,
   login and HELO name, and the next message whose fresh MX lookup (still one per message)
-  yields that target starts at MAIL FROM on it. Limits as Postfix's connection cache: idle
-  2 s (then QUIT), 300 s since connect, 100 messages. A reused session lost before the
+  yields that target starts at MAIL FROM on it. Limits: idle 2 s (then QUIT) and 300 s
+  since connect, as Postfix's connection cache, and 100 messages. A reused session lost before the
   final dot (connection lost, 421, no reply at all) was stale, not the host's answer: it
   is logged as `smtp.session_stale`, is no host try, and the message goes over a fresh
   connection to the same address. Any other reply, and anything at or after the dot, is
@@ -85,7 +85,8 @@ DROP_WAIT = 0.25
 MAX_ADDRESSES = 10
 # Session reuse, as Postfix's connection cache: an idle session waits this long for the next
 # message (smtp_connection_cache_time_limit), is reused for this long at most since it
-# opened (smtp_connection_reuse_time_limit), and carries this many messages at most.
+# opened (smtp_connection_reuse_time_limit), and carries this many messages at most (Postfix
+# sets no count by default; some receivers close a session after about a hundred).
 SESSION_IDLE_LIMIT = 2.0
 SESSION_REUSE_LIMIT = 300.0
 SESSION_MAX_MESSAGES = 100
