@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import AuthResult, LoginPassword
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,7 +24,7 @@ from relay.mx import make_resolver
 from relay.smtp import AttemptResult, deliver, dot_stuff, parse_reply
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer
-from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer
+from tests.peers.smtp import DROP, HANG, ScriptedHandler, SMTPPeer, SubmissionPeer
 
 SENDER = "form@relay.test"
 SUPPORT = "help@support.test"
@@ -476,39 +475,17 @@ async def test_null_mx_recipient_is_permanent(short: Callable[..., Settings]) ->
 USER, PASSWORD = "relay", "s3cret"
 
 
-def _authenticator(
-    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-) -> AuthResult:
-    ok = isinstance(auth_data, LoginPassword) and (auth_data.login, auth_data.password) == (
-        USER.encode(),
-        PASSWORD.encode(),
-    )
-    return AuthResult(success=ok, handled=False)
-
-
-class SubmissionPeer(SMTPPeer):
-    """A submission server: STARTTLS, then AUTH required before MAIL."""
-
-    def _factory(self) -> FaultySMTP:
-        return FaultySMTP(
-            self.handler,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=True,
-            auth_required=True,
-            auth_require_tls=True,
-            authenticator=_authenticator,
-            decode_data=False,
-        )
-
-
 @pytest.fixture
 def submission(
     tls_context_pair: tuple[ssl.SSLContext, Path],
 ) -> Iterator[SubmissionPeer]:
     server_ctx, _ = tls_context_pair
     with SubmissionPeer(
-        ScriptedHandler(), host=MX_IP, hostname="mx1.support.test", tls_context=server_ctx
+        ScriptedHandler(),
+        users={USER: PASSWORD},
+        host=MX_IP,
+        hostname="mx1.support.test",
+        tls_context=server_ctx,
     ) as peer:
         yield peer
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
 from relay.errors import ConnectionFailure, SMTPReplyError
@@ -23,7 +23,7 @@ from relay.smtp import AttemptResult, SessionCache, deliver
 from relay.worker import Worker
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer
-from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer
+from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer, SubmissionPeer
 from tests.test_outbox import built
 
 SENDER = "form@relay.test"
@@ -76,49 +76,22 @@ class CountingSMTP(FaultySMTP):
         super().connection_lost(error)
 
 
-class CountingPeer(SMTPPeer):
-    smtp_class = CountingSMTP
-    idle_timeout = 60.0  # aiosmtpd closes a session silent for this long
+class _Counting:
+    smtp_class: type[FaultySMTP] = CountingSMTP
+    handler: ScriptedHandler
 
     @property
     def counts(self) -> CountingHandler:
         assert isinstance(self.handler, CountingHandler)
         return self.handler
 
-    def _factory(self) -> SMTP:
-        return CountingSMTP(
-            self.handler,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=False,
-            decode_data=False,
-            timeout=self.idle_timeout,
-        )
+
+class CountingPeer(_Counting, SMTPPeer):
+    pass
 
 
-def _authenticator(
-    server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
-) -> AuthResult:
-    ok = isinstance(auth_data, LoginPassword) and (
-        USERS.get(auth_data.login.decode()) == auth_data.password.decode()
-    )
-    return AuthResult(success=ok, handled=False)
-
-
-class SubmissionPeer(CountingPeer):
-    """A submission server: STARTTLS, then AUTH required before MAIL."""
-
-    def _factory(self) -> SMTP:
-        return CountingSMTP(
-            self.handler,
-            hostname=self.hostname,
-            tls_context=self.tls_context,
-            require_starttls=True,
-            auth_required=True,
-            auth_require_tls=True,
-            authenticator=_authenticator,
-            decode_data=False,
-        )
+class CountingSubmissionPeer(_Counting, SubmissionPeer):
+    pass
 
 
 @pytest.fixture
@@ -310,16 +283,22 @@ async def test_no_reuse_across_tls_policies(
 
 
 @pytest.fixture
-def submission(tls_context_pair: tuple[ssl.SSLContext, Path]) -> Iterator[SubmissionPeer]:
-    with SubmissionPeer(
-        CountingHandler(), host=MX_IP, hostname="mx1.support.test", tls_context=tls_context_pair[0]
+def submission(
+    tls_context_pair: tuple[ssl.SSLContext, Path],
+) -> Iterator[CountingSubmissionPeer]:
+    with CountingSubmissionPeer(
+        CountingHandler(),
+        users=USERS,
+        host=MX_IP,
+        hostname="mx1.support.test",
+        tls_context=tls_context_pair[0],
     ) as peer:
         yield peer
 
 
 async def test_smarthost_sessions_are_reused_per_login(
     short: Callable[..., Settings],
-    submission: SubmissionPeer,
+    submission: CountingSubmissionPeer,
     world_dns: DNSZoneServer,
     sessions: SessionCache,
 ) -> None:

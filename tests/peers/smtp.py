@@ -15,12 +15,13 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from relay.sandbox.smtpserver import ThreadedSMTPServer
 
@@ -180,6 +181,7 @@ class SMTPPeer(ThreadedSMTPServer):
     """Runs one FaultySMTP (or `smtp_class`) server in its own thread and event loop."""
 
     smtp_class: type[FaultySMTP] = FaultySMTP
+    idle_timeout = 60.0  # aiosmtpd closes a session silent for this long
 
     def __init__(
         self,
@@ -209,7 +211,7 @@ class SMTPPeer(ThreadedSMTPServer):
             enable_SMTPUTF8=True,
             decode_data=False,
             data_size_limit=50 * 1024 * 1024,
-            timeout=60,
+            timeout=self.idle_timeout,
         )
 
     def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[Received]:
@@ -221,4 +223,35 @@ class SMTPPeer(ThreadedSMTPServer):
         raise AssertionError(
             f"expected {count} message(s) at {self.host}:{self.port}, "
             f"got {len(self.handler.messages)}"
+        )
+
+
+class SubmissionPeer(SMTPPeer):
+    """A submission server: STARTTLS, then AUTH (LOGIN/PLAIN against `users`) before MAIL."""
+
+    def __init__(
+        self, handler: ScriptedHandler | None = None, *, users: Mapping[str, str], **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.users = dict(users)
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = isinstance(auth_data, LoginPassword) and (
+            self.users.get(auth_data.login.decode(errors="replace"))
+            == auth_data.password.decode(errors="replace")
+        )
+        return AuthResult(success=ok, handled=False)
+
+    def _factory(self) -> SMTP:
+        return self.smtp_class(
+            self.handler,
+            hostname=self.hostname,
+            tls_context=self.tls_context,
+            require_starttls=True,
+            auth_required=True,
+            auth_require_tls=True,
+            authenticator=self._authenticate,
+            decode_data=False,
         )
