@@ -37,8 +37,9 @@ CLIENTS = 32
 RSS_GROWTH_LIMIT_KB = 48 * 1024
 
 
-def submit_all(base: str, numbers: range, busy: Counter[str]) -> list[str]:
-    """Submit concurrently; a 503 (store busy) is retried as embed.js lets the visitor do."""
+def submit_all(base: str, numbers: range, busy: Counter[str], web: Proc) -> list[str]:
+    """Submit concurrently; a 503 (store busy) is retried as embed.js lets the visitor do.
+    Any other refusal fails with the warnings gunicorn logged, which name the cause."""
     local = threading.local()
     visitors: list[Visitor] = []
     lock = threading.Lock()
@@ -56,7 +57,9 @@ def submit_all(base: str, numbers: range, busy: Counter[str]) -> list[str]:
             with lock:
                 busy["503"] += 1
             time.sleep(0.5)
-        assert reply.status == 202, (n, reply.status, reply.body)
+        if reply.status != 202:
+            warnings = [line for line in web.output().splitlines() if "WARNING" in line]
+            raise AssertionError((n, reply.status, reply.body, warnings[-20:]))
         assert reply.id is not None
         return reply.id
 
@@ -79,17 +82,17 @@ def test_thousand_submissions_with_greylisting(
     mx_handler.greylist_each_message = True
     env = {**relay_env, "RELAY_WORKER_CONCURRENCY": "20", "RELAY_LOG_LEVEL": "INFO"}
     port = free_port()
-    start_gunicorn(env, port, workers=2, threads=8)
+    web = start_gunicorn(env, port, workers=2, threads=8)
     base = f"http://127.0.0.1:{port}"
     wait_until(lambda: http_ready(f"{base}/healthz"), timeout=30, what="gunicorn")
     worker = start_worker(env)
 
     busy: Counter[str] = Counter()
-    warm_ids = submit_all(base, range(WARM_UP), busy)
+    warm_ids = submit_all(base, range(WARM_UP), busy, web)
     wait_status(outbox, warm_ids, ("delivered",), timeout=240, proc=worker)
     rss_warm = worker.rss_kb()
 
-    ids = warm_ids + submit_all(base, range(WARM_UP, TOTAL), busy)
+    ids = warm_ids + submit_all(base, range(WARM_UP, TOTAL), busy, web)
     rows = wait_status(outbox, ids, ("delivered",), timeout=300, proc=worker)
     rss_end = worker.rss_kb()
 
