@@ -74,26 +74,6 @@ def mx2_server(
         yield p
 
 
-@pytest.fixture
-def short(
-    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, mx_server: SMTPPeer
-) -> Callable[..., Settings]:
-    """Settings for the world with short timeouts, plus overrides."""
-
-    def make(**overrides: str) -> Settings:
-        env = {
-            "RELAY_DNS_NAMESERVERS": world_dns.address,
-            "RELAY_SMTP_PORT": str(mx_server.port),
-            "RELAY_SMTP_CONNECT_TIMEOUT": "1",
-            "RELAY_SMTP_TIMEOUT": "0.5",
-            "RELAY_SMTP_DATA_TIMEOUT": "0.5",
-            **overrides,
-        }
-        return make_settings(**env)
-
-    return make
-
-
 # --- pure helpers ---------------------------------------------------------------------------
 
 

@@ -122,24 +122,6 @@ async def sessions() -> AsyncIterator[SessionCache]:
     await cache.close()
 
 
-@pytest.fixture
-def short(
-    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, mx_server: CountingPeer
-) -> Callable[..., Settings]:
-    def make(**overrides: str) -> Settings:
-        env = {
-            "RELAY_DNS_NAMESERVERS": world_dns.address,
-            "RELAY_SMTP_PORT": str(mx_server.port),
-            "RELAY_SMTP_CONNECT_TIMEOUT": "1",
-            "RELAY_SMTP_TIMEOUT": "0.5",
-            "RELAY_SMTP_DATA_TIMEOUT": "0.5",
-            **overrides,
-        }
-        return make_settings(**env)
-
-    return make
-
-
 async def send(settings: Settings, sessions: SessionCache | None, **kwargs: Any) -> AttemptResult:
     return await deliver(
         MESSAGE,
