@@ -29,7 +29,7 @@ import psycopg
 from bench import accept, pipeline, postfix, profile, report, sign, world
 from bench.util import ROOT
 from relay.config import load_settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import public_key_b64
 
 SECTIONS = ("sign", "accept", "e2e", "drain")

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from bench.world import Keys
 from relay.config import Settings
-from relay.signing import Signer
+from relay.mail.signing import Signer
 
 SIGNED_HEADERS = [b"from", b"to", b"reply-to", b"subject", b"date", b"message-id"]
 ROUNDS = 5

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from bench.util import ROOT, python, stop_process
 from relay.config import Settings
-from relay.message import BuiltMessage, Submission, build_message
+from relay.mail.message import BuiltMessage, Submission, build_message
 from tests.conftest import FROM_DOMAIN, MX_IP, SITEKEY, SUPPORT_DOMAIN, world_zone
 from tests.peers.captcha import TEST_SECRET
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flask import Flask
 
-    from relay.captcha import Verifier
+    from relay.web.captcha import Verifier
     from relay.config import Settings
 
 
@@ -29,6 +29,6 @@ def create_app(
     (Outbox.from_settings, mx.make_resolver, the hCaptcha client); demo mode passes its own
     offline verifier. Raises ConfigError for settings unfit to serve.
     """
-    from relay.web import create_app as build  # noqa: PLC0415 - keep `import relay` light
+    from relay.web.app import create_app as build  # noqa: PLC0415 - keep `import relay` light
 
     return build(settings, outbox=outbox, resolver=resolver, verifier=verifier)

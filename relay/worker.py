@@ -27,12 +27,13 @@ from typing import Any, Protocol, cast
 
 import psycopg
 
-from relay import doctor, smtp
+from relay.ops import doctor
+from relay.mail import smtp
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
-from relay.mx import make_resolver
-from relay.outbox import (
+from relay.mail.mx import make_resolver
+from relay.store.outbox import (
     NOTIFY_CHANNEL,
     AttemptLike,
     Claimed,
@@ -42,8 +43,8 @@ from relay.outbox import (
     Outbox,
     RetryPolicy,
 )
-from relay.outbox import reply_fields as _reply_fields
-from relay.signing import Signer
+from relay.store.outbox import reply_fields as _reply_fields
+from relay.mail.signing import Signer
 
 log = logging.getLogger("relay.worker")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay import forms
+from relay.web import forms
 from relay.config import documented_variables
 from tests.conftest import unavailable
 
@@ -222,7 +222,7 @@ def test_the_package_carries_every_file_the_app_reads() -> None:
     import fnmatch
     import tomllib
 
-    from relay import web
+    from relay.web import app as web
 
     package = DEPLOY.parent / "relay"
     for folder in (web.TEMPLATES, web.STATIC, web.TRANSLATIONS):

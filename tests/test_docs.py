@@ -14,7 +14,7 @@ import click
 import pytest
 from pydantic_core import PydanticUndefined
 
-from relay.cli import main
+from relay.ops.cli import main
 from relay.config import Settings, documented_variables, env_var
 
 ROOT = Path(__file__).resolve().parent.parent

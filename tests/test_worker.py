@@ -26,14 +26,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
 from relay.errors import SigningError, StoreUnavailable
-from relay.mx import make_resolver
-from relay.outbox import Claimed, Decision, Finished, Outbox
-from relay.signing import Signer
+from relay.mail.mx import make_resolver
+from relay.store.outbox import Claimed, Decision, Finished, Outbox
+from relay.mail.signing import Signer
 from relay.worker import Worker, startup_checks
 from tests.conftest import SUPPORT_DOMAIN
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
-from tests.test_outbox import FakeClock, built, delivered, greylisted, refused
+from tests.store.test_outbox import FakeClock, built, delivered, greylisted, refused
 
 RELAY = str(Path(sys.executable).with_name("relay"))
 

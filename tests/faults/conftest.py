@@ -18,7 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import load_settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import MX2_IP, MX_IP, SUPPORT_DOMAIN, unavailable
 from tests.faults.harness import (
     Proc,

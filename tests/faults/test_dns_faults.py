@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import SUPPORT_DOMAIN
 from tests.faults.corpus import VALID
 from tests.faults.harness import Proc, Visitor, wait_status

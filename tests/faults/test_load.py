@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.faults.conftest import FaultHandler
 from tests.faults.corpus import VALID
 from tests.faults.harness import (

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler
 from tests.faults.corpus import VALID

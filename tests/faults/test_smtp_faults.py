@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import MX_IP, SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler, FaultPeer
 from tests.faults.corpus import VALID

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from markupsafe import escape
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import POSTGRES_ADMIN_URL, unavailable
 from tests.faults.conftest import run_once
 from tests.faults.corpus import VALID

@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from relay import create_app
 from relay.config import Settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.peers.captcha import SiteverifyStub
 from tests.peers.dns import DNSZoneServer
 

@@ -17,7 +17,7 @@ from werkzeug.serving import make_server
 
 from relay import create_app
 from relay.config import Settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import unavailable
 from tests.web.conftest import queued
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from relay.captcha import HCaptchaVerifier, check_verdict
+from relay.web.captcha import HCaptchaVerifier, check_verdict
 from relay.errors import CaptchaError
 from tests.peers.captcha import TEST_SECRET, SiteverifyStub
 from tests.web.conftest import token

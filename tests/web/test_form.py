@@ -19,8 +19,8 @@ from pydantic import SecretStr
 from relay import create_app
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.errors import CaptchaError, ConfigError
-from relay.mx import make_resolver
-from relay.outbox import Outbox
+from relay.mail.mx import make_resolver
+from relay.store.outbox import Outbox
 from tests.peers.captcha import SiteverifyStub
 from tests.peers.dns import DNSZoneServer
 from tests.web.conftest import EVIL, PARTNER, queued, text_of, token, valid_form

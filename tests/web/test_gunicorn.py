@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.web.conftest import valid_form
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]

@@ -11,7 +11,7 @@ from babel.messages.mofile import read_mo
 from babel.messages.pofile import read_po
 
 ROOT = Path(__file__).resolve().parents[2]
-JA = ROOT / "relay" / "translations" / "ja" / "LC_MESSAGES"
+JA = ROOT / "relay" / "web" / "translations" / "ja" / "LC_MESSAGES"
 
 
 def extracted(tmp_path: Path) -> set[str]:

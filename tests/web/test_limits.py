@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 from flask import Flask
 
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.web.conftest import queued, valid_form
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.config import Settings, domain_of
-from relay.signing import dkim_txt_record, split_txt
+from relay.mail.signing import dkim_txt_record, split_txt
 
 DEFAULT_TTL = 3600
 

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay import dnsrecords
-from relay.cli import main
+from relay.ops import dnsrecords
+from relay.ops.cli import main
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
-from relay.doctor import (
+from relay.ops.doctor import (
     Check,
     aligned,
     generic_ptr_reasons,
@@ -26,8 +26,8 @@ from relay.doctor import (
     organisational_domain,
     run_checks,
 )
-from relay.mx import make_resolver
-from relay.outbox import Outbox
+from relay.mail.mx import make_resolver
+from relay.store.outbox import Outbox
 from tests.conftest import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
 from tests.peers.dns import DNSZoneServer, ptr_name, txt_record
 

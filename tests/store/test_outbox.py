@@ -27,8 +27,8 @@ from relay.errors import (
     SMTPReplyError,
     StoreUnavailable,
 )
-from relay.message import BuiltMessage, Submission, build_message
-from relay.outbox import (
+from relay.mail.message import BuiltMessage, Submission, build_message
+from relay.store.outbox import (
     Finished,
     Outbox,
     RetryPolicy,
@@ -40,7 +40,7 @@ from relay.outbox import (
     parse_duration,
     reply_fields,
 )
-from relay.smtp import AttemptResult, HostTry, Outcome
+from relay.mail.smtp import AttemptResult, HostTry, Outcome
 from tests.conftest import POSTGRES_ADMIN_URL
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -30,9 +30,9 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from relay import mx
+from relay.mail import mx
 from relay.errors import DNSError
-from relay.mx import MXHost, Resolver, domain_accepts_mail, resolve_addresses, resolve_mx
+from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, resolve_addresses, resolve_mx
 from tests.peers.dns import DNSZoneServer
 
 # A reply and the socket it leaves from: "main" (the one the query went to), "other-port" (the

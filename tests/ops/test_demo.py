@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from relay.config import Settings
-from relay.demo import (
+from relay.ops.demo import (
     DEMO_CAPTCHA_TOKEN,
     FROM_DOMAIN,
     SUPPORT_DOMAIN,
@@ -26,7 +26,7 @@ from relay.demo import (
 from relay.errors import CaptchaError, ConfigError
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.mailbox import check_dkim, check_spf
-from relay.signing import Signer, dkim_txt_record
+from relay.mail.signing import Signer, dkim_txt_record
 from tests.conftest import unavailable
 
 RELAY = Path(sys.executable).with_name("relay")
@@ -201,7 +201,7 @@ def test_demo_form_works_offline_in_a_browser(tmp_path: Path) -> None:
     import re
     import shutil
 
-    from relay.demo import sandbox
+    from relay.ops.demo import sandbox
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:

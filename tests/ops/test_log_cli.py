@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from relay.cli import main
+from relay.ops.cli import main
 from relay.config import Settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import SMTPPeer
-from tests.test_outbox import built
+from tests.store.test_outbox import built
 
 RELAY = str(Path(sys.executable).with_name("relay"))
 

@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from relay import message as message_module
+from relay.mail import message as message_module
 from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
-from relay.message import (
+from relay.mail.message import (
     EMAIL_MAX,
     HEADER_SET,
     MESSAGE_MAX,

@@ -23,8 +23,8 @@ from packaging.version import Version
 
 from relay.config import Settings
 from relay.errors import MessageError, SigningError
-from relay.message import Submission, build_message
-from relay.signing import (
+from relay.mail.message import Submission, build_message
+from relay.mail.signing import (
     INCLUDE_HEADERS,
     Signer,
     dkim_txt_record,
@@ -332,7 +332,7 @@ def test_changed_dkimpy_sign_runs_dkimpys_own_and_stays_identical(
 ) -> None:
     """A dkimpy whose sign() is not the mirrored text: its own sign() (with the PEM parse)
     runs, the RSA operation still in OpenSSL, and the output does not change."""
-    monkeypatch.setattr("relay.signing.DKIMPY_SIGN_SOURCES", frozenset())
+    monkeypatch.setattr("relay.mail.signing.DKIMPY_SIGN_SOURCES", frozenset())
     sign_override_applies.cache_clear()
     raw = built(both_keys)
 

@@ -9,7 +9,7 @@ import pytest
 
 from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
-from relay.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
+from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
 from tests.peers.dns import DNSZoneServer
 
 

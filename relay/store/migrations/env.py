@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from relay.outbox import MIGRATION_LOCK_KEY, metadata
+from relay.store.outbox import MIGRATION_LOCK_KEY, metadata
 
 config = context.config
 

@@ -17,14 +17,14 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
 from relay.errors import ConnectionFailure, SMTPReplyError
-from relay.mx import make_resolver
-from relay.outbox import Outbox
-from relay.smtp import AttemptResult, SessionCache, deliver
+from relay.mail.mx import make_resolver
+from relay.store.outbox import Outbox
+from relay.mail.smtp import AttemptResult, SessionCache, deliver
 from relay.worker import Worker
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer, SubmissionPeer
-from tests.test_outbox import built
+from tests.store.test_outbox import built
 
 SENDER = "form@relay.test"
 SUPPORT = "help@support.test"

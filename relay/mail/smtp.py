@@ -70,7 +70,7 @@ from relay.errors import (
     SMTPReplyError,
 )
 from relay.logs import event
-from relay.mx import Resolver, resolve_addresses, resolve_mx
+from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
 
 log = logging.getLogger("relay.smtp")
 

@@ -38,7 +38,7 @@ import dns.resolver
 import spf
 from cryptography.hazmat.primitives import serialization
 
-from relay import dnsrecords
+from relay.ops import dnsrecords
 from relay.config import (
     HCAPTCHA_TEST_SECRET,
     HCAPTCHA_TEST_SITEKEY,
@@ -48,7 +48,7 @@ from relay.config import (
 )
 from relay.errors import DNSError, StoreUnavailable
 from relay.logs import event
-from relay.mx import Resolver, resolve_addresses, resolve_mx
+from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
 
 Status = Literal["PASS", "WARN", "FAIL"]
 _RANK: dict[Status, int] = {"PASS": 0, "WARN": 1, "FAIL": 2}
@@ -729,7 +729,7 @@ def probe_message(settings: Settings, now: datetime | None = None) -> bytes:
 
 def sign_probe(settings: Settings) -> bytes:
     """The probe signed the way the worker signs (relay.signing.Signer)."""
-    from relay.signing import Signer  # noqa: PLC0415 - keeps the doctor importable alone
+    from relay.mail.signing import Signer  # noqa: PLC0415 - keeps the doctor importable alone
 
     return Signer.from_settings(settings).sign(probe_message(settings))
 
@@ -1144,7 +1144,7 @@ def check_database(settings: Settings) -> Check:
 
     Auto-migration is off: the doctor reports, `relay db upgrade` changes.
     """
-    from relay.outbox import Outbox  # noqa: PLC0415 - SQLAlchemy only when checked
+    from relay.store.outbox import Outbox  # noqa: PLC0415 - SQLAlchemy only when checked
 
     safe_url = _safe_url(settings.sqlalchemy_url)
     details: dict[str, Any] = {"url": safe_url}

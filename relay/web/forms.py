@@ -27,8 +27,8 @@ from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
 from wtforms import EmailField, StringField, TextAreaField
 
-from relay import message as message_module
-from relay import mx
+from relay.mail import message as message_module
+from relay.mail import mx
 from relay.config import Settings
 from relay.errors import MessageError
 from relay.logs import event
@@ -48,7 +48,7 @@ _ASCII_CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def limits() -> dict[str, int]:
-    """Maximum length in characters of each field, from relay.message."""
+    """Maximum length in characters of each field, from relay.mail.message."""
     return {
         "name": message_module.NAME_MAX,
         "email": message_module.EMAIL_MAX,

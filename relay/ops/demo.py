@@ -43,16 +43,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay import create_app, logs
-from relay.captcha import MISSING
+from relay.web.captcha import MISSING
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
-from relay.doctor import run_checks
+from relay.ops.doctor import run_checks
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
-from relay.mx import make_resolver
-from relay.outbox import Outbox, detail_text, log_table
+from relay.mail.mx import make_resolver
+from relay.store.outbox import Outbox, detail_text, log_table
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
-from relay.signing import dkim_txt_record
+from relay.mail.signing import dkim_txt_record
 from relay.worker import Worker
 
 log = logging.getLogger("relay.demo")

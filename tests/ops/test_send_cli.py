@@ -15,9 +15,9 @@ import dns.resolver
 import pytest
 from click.testing import CliRunner, Result
 
-from relay.cli import main
+from relay.ops.cli import main
 from relay.config import load_settings
-from relay.outbox import Outbox
+from relay.store.outbox import Outbox
 from tests.conftest import MX2_IP
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer

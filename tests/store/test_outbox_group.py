@@ -23,10 +23,10 @@ from sqlalchemy import event
 
 from relay.config import Settings
 from relay.errors import StoreUnavailable
-from relay.message import BuiltMessage
-from relay.outbox import Outbox, messages
+from relay.mail.message import BuiltMessage
+from relay.store.outbox import Outbox, messages
 from tests.conftest import POSTGRES_ADMIN_URL
-from tests.test_outbox import built
+from tests.store.test_outbox import built
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import click
 
 from relay import logs
-from relay import outbox as outbox_mod
+from relay.store import outbox as outbox_mod
 from relay.config import Settings, load_settings
 from relay.errors import ConfigError, StoreError
 
@@ -65,9 +65,9 @@ def _send_now(settings: Settings, built: Any) -> int:
     """Sign and deliver one message through the worker's code path; 0 when delivered."""
     import asyncio  # noqa: PLC0415 - asyncio, DNS and SMTP only for this command
 
-    from relay.mx import make_resolver  # noqa: PLC0415
-    from relay.signing import Signer  # noqa: PLC0415
-    from relay.smtp import deliver  # noqa: PLC0415
+    from relay.mail.mx import make_resolver  # noqa: PLC0415
+    from relay.mail.signing import Signer  # noqa: PLC0415
+    from relay.mail.smtp import deliver  # noqa: PLC0415
 
     signed = Signer.from_settings(settings).sign(built.raw)
     result = asyncio.run(
@@ -107,7 +107,7 @@ def send(
     Exit status with --now: 0 delivered, 1 not delivered (temporary or permanent).
     """
     from relay.errors import MessageError, RelayError  # noqa: PLC0415
-    from relay.message import Submission, build_message  # noqa: PLC0415
+    from relay.mail.message import Submission, build_message  # noqa: PLC0415
 
     settings = get_settings(ctx)
     if message == "-":
@@ -125,7 +125,7 @@ def send(
         except RelayError as exc:  # the key cannot sign, the resolver cannot be built
             fail(f"relay send: {exc}")
     try:
-        from relay.outbox import Outbox  # noqa: PLC0415
+        from relay.store.outbox import Outbox  # noqa: PLC0415
     except ImportError:
         fail("relay send: queueing needs the outbox (relay.outbox); use --now")
     store = Outbox.from_settings(settings)
@@ -303,7 +303,7 @@ def _ip_option(_ctx: click.Context, _param: click.Parameter, value: str | None) 
 def _resolver(settings: Settings) -> Any:
     import dns.resolver  # noqa: PLC0415
 
-    from relay.mx import make_resolver  # noqa: PLC0415
+    from relay.mail.mx import make_resolver  # noqa: PLC0415
 
     try:
         return make_resolver(settings)
@@ -322,7 +322,7 @@ def doctor_command(ctx: click.Context, ip: str | None, as_json: bool) -> None:
     """
     import asyncio  # noqa: PLC0415
 
-    from relay.doctor import run_checks, worst  # noqa: PLC0415
+    from relay.ops.doctor import run_checks, worst  # noqa: PLC0415
 
     settings = get_settings(ctx)
     checks = asyncio.run(run_checks(settings, resolver=_resolver(settings), ip=ip))
@@ -349,8 +349,8 @@ def dns_records(ctx: click.Context, ip: str | None) -> None:
     """Print every DNS record to publish, in zone-file form, each with its reason."""
     import asyncio  # noqa: PLC0415
 
-    from relay.dnsrecords import format_zone  # noqa: PLC0415
-    from relay.doctor import records_to_publish  # noqa: PLC0415
+    from relay.ops.dnsrecords import format_zone  # noqa: PLC0415
+    from relay.ops.doctor import records_to_publish  # noqa: PLC0415
 
     settings = get_settings(ctx)
     records, notes = asyncio.run(records_to_publish(settings, resolver=_resolver(settings), ip=ip))
@@ -394,8 +394,8 @@ def dkim_keygen(
 
     from dotenv import dotenv_values  # noqa: PLC0415
 
-    from relay import keygen  # noqa: PLC0415
-    from relay.dnsrecords import dkim_record  # noqa: PLC0415
+    from relay.ops import keygen  # noqa: PLC0415
+    from relay.ops.dnsrecords import dkim_record  # noqa: PLC0415
 
     kind: keygen.KeyType = "ed25519" if key_type == "ed25519" else "rsa"
     problem = keygen.check_selector(selector) or keygen.check_bits(kind, bits)
@@ -462,6 +462,6 @@ def demo(smoke: bool, folder: Path, timeout: float) -> None:
 
     Needs no RELAY_ variable and refuses to run when RELAY_ENV says anything but demo.
     """
-    from relay.demo import run  # noqa: PLC0415 - the sandbox only when asked for
+    from relay.ops.demo import run  # noqa: PLC0415 - the sandbox only when asked for
 
     sys.exit(run(folder, smoke=smoke, timeout=timeout))
