@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flask import Flask
 
-    from relay.web.captcha import Verifier
     from relay.config import Settings
+    from relay.web.captcha import Verifier
 
 
 def create_app(

@@ -20,58 +20,26 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
-import psycopg
-
-from relay.ops import doctor
-from relay.mail import smtp
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
+from relay.mail import smtp
+from relay.mail.attempt import AttemptResult, reply_fields
 from relay.mail.mx import make_resolver
-from relay.store.outbox import (
-    NOTIFY_CHANNEL,
-    AttemptLike,
-    Claimed,
-    Decision,
-    Finished,
-    HostTryLike,
-    Outbox,
-    RetryPolicy,
-)
-from relay.store.outbox import reply_fields as _reply_fields
+from relay.mail.send import DeliverFn, sign_and_deliver
+from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
+from relay.store.notify import Listener
+from relay.store.outbox import Outbox
+from relay.store.records import Claimed, Finished
+from relay.store.retry import Decision, RetryPolicy
 
 log = logging.getLogger("relay.worker")
-
-
-class DeliverFn(Protocol):
-    """The signature of relay.smtp.deliver: the seam the state-machine tests replace."""
-
-    async def __call__(
-        self,
-        signed: bytes,
-        *,
-        recipient: str,
-        envelope_from: str,
-        settings: Settings,
-        resolver: Any,
-    ) -> AttemptLike: ...
-
-
-@dataclass(frozen=True)
-class LocalFailure:
-    """An attempt that failed before reaching any server (signing failed, a bug): temporary,
-    so the message waits for the operator's fix instead of being lost."""
-
-    error: BaseException
-    outcome: str = "temporary"
-    hosts: tuple[HostTryLike, ...] = ()
-    possible_duplicate: bool = False
 
 
 @dataclass
@@ -117,7 +85,7 @@ class Worker:
         self._deliver = deliver
         self._sign = sign
         self._resolver = resolver
-        self._sessions: smtp.SessionCache | None = None  # with the real deliver only
+        self._sessions: SessionCache | None = None  # with the real deliver only
         self._stop: asyncio.Event | None = None
         self._wake: asyncio.Event | None = None
         self.listening: asyncio.Event | None = None
@@ -133,7 +101,7 @@ class Worker:
 
     def _deliver_fn(self) -> DeliverFn:
         if self._deliver is None:
-            self._sessions = smtp.SessionCache(max_idle=self.settings.worker_concurrency)
+            self._sessions = SessionCache(max_idle=self.settings.worker_concurrency)
             deliver = functools.partial(smtp.deliver, sessions=self._sessions)
             self._deliver = cast(DeliverFn, deliver)
         return self._deliver
@@ -338,26 +306,10 @@ class Worker:
     async def _listen(self) -> None:
         """PostgreSQL: wake the claim loop as soon as mail is queued (enqueue and retry NOTIFY
         at commit). Purely a shortcut: the short poll stays, so a lost listener loses nothing."""
-        url = self.outbox.listen_url()
-        if url is None:
-            return
-        delay = 1.0
-        while True:
-            try:
-                async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    assert self.listening is not None
-                    self.listening.set()
-                    delay = 1.0
-                    async for _notify in conn.notifies():
-                        if self._wake is not None:
-                            self._wake.set()
-            except psycopg.Error as exc:
-                event(log, "worker.listen_failed", logging.WARNING, error=str(exc), retry_in=delay)
-            if self.listening is not None:
-                self.listening.clear()
-            await asyncio.sleep(delay)
-            delay = min(30.0, delay * 2)
+        assert self.listening is not None
+        async for _notified in Listener(self.outbox.url, listening=self.listening):
+            if self._wake is not None:
+                self._wake.set()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -384,24 +336,24 @@ class Worker:
         if decision is not None and decision.applied:
             self._log_outcome(item, result, decision)
 
-    async def _sign_and_deliver(self, item: Claimed) -> AttemptLike:
-        try:
-            signed = await asyncio.to_thread(self._sign_fn(), item.body)
-            return await self._deliver_fn()(
-                signed,
-                recipient=item.recipient,
-                envelope_from=item.envelope_from,
-                settings=self.settings,
-                resolver=self._resolver_obj(),
-            )
-        except asyncio.CancelledError:
-            raise
-        except RelayError as exc:
-            event(log, "delivery.local_error", logging.ERROR, id=item.id, error=str(exc))
-            return LocalFailure(exc)
-        except Exception as exc:  # a bug must not lose the message: defer it
-            log.exception("delivery.crashed id=%s", item.id)
-            return LocalFailure(exc)
+    async def _sign_and_deliver(self, item: Claimed) -> AttemptResult:
+        result = await sign_and_deliver(
+            item.body,
+            recipient=item.recipient,
+            envelope_from=item.envelope_from,
+            sign=self._sign_fn(),
+            deliver=self._deliver_fn(),
+            settings=self.settings,
+            resolver=self._resolver_obj(),
+        )
+        if result.local:
+            if isinstance(result.error, RelayError):
+                event(
+                    log, "delivery.local_error", logging.ERROR, id=item.id, error=str(result.error)
+                )
+            else:  # a bug: its traceback goes to the log
+                log.error("delivery.crashed id=%s", item.id, exc_info=result.error)
+        return result
 
     async def _release_cut_off(self, item: Claimed) -> None:
         with contextlib.suppress(Exception):
@@ -411,7 +363,7 @@ class Worker:
         event(log, "delivery.interrupted", logging.WARNING, id=item.id, attempt=item.attempt)
 
     async def _record(
-        self, item: Claimed, result: AttemptLike, started: datetime
+        self, item: Claimed, result: AttemptResult, started: datetime
     ) -> Decision | None:
         """Store the attempt through the group commit; if that fails, try twice more on its
         own, then leave it to the lease (the next claim records the attempt as interrupted)."""
@@ -458,8 +410,8 @@ class Worker:
         if not fut.cancelled() and fut.exception() is None and fut.result().applied:
             self._log_outcome(finished.claimed, finished.result, fut.result())
 
-    def _log_outcome(self, item: Claimed, result: AttemptLike, decision: Decision) -> None:
-        reply = _reply_fields(result)
+    def _log_outcome(self, item: Claimed, result: AttemptResult, decision: Decision) -> None:
+        reply = reply_fields(result)
         fields: dict[str, Any] = {
             "id": item.id,
             "message_id": item.message_id,
@@ -497,11 +449,21 @@ class Worker:
             )
 
 
-def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None = None) -> None:
+Startup = Callable[[Any], Awaitable[None]]
+
+
+def run_worker(
+    settings: Settings,
+    *,
+    once: bool = False,
+    outbox: Outbox | None = None,
+    startup: Startup | None = None,
+) -> None:
     """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish.
 
-    A long-running worker logs the doctor's findings at start; `--once` (cron, tests) skips
-    them, so a run every minute neither repeats them nor waits for their DNS lookups."""
+    `startup(resolver)` runs in the background while delivery starts (the CLI passes the
+    doctor's checks, logged); `--once` (cron, tests) skips it, so a run every minute neither
+    repeats them nor waits for their DNS lookups."""
     store = outbox or Outbox.from_settings(settings)
     resolver = make_resolver(settings)
     worker = Worker(store, settings, resolver=resolver)
@@ -511,7 +473,7 @@ def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
         checks = asyncio.create_task(
-            asyncio.sleep(0) if once else startup_checks(settings, resolver)
+            _guarded(startup(resolver)) if startup is not None and not once else asyncio.sleep(0)
         )
         try:
             await worker.run(once=once)
@@ -528,15 +490,11 @@ def run_worker(settings: Settings, *, once: bool = False, outbox: Outbox | None 
         store.dispose()
 
 
-async def startup_checks(settings: Settings, resolver: Any) -> None:
-    """The doctor's non-passing checks, logged at start in the background: delivery does not
-    wait for the DNS checks, and a failing check never stops the worker."""
+async def _guarded(checks: Awaitable[None]) -> None:
+    """Start-up checks never stop delivery, whatever they raise."""
     try:
-        checks = await asyncio.wait_for(
-            doctor.run_checks(settings, resolver=resolver, database=False), timeout=60
-        )
-        doctor.log_checks(log, checks)
+        await asyncio.wait_for(checks, timeout=60)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # the doctor must never stop delivery
+    except Exception as exc:
         event(log, "worker.startup_checks_failed", logging.WARNING, error=repr(exc))

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.web import forms
 from relay.config import documented_variables
+from relay.web import forms
 from tests.conftest import unavailable
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

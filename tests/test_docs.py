@@ -14,8 +14,8 @@ import click
 import pytest
 from pydantic_core import PydanticUndefined
 
-from relay.ops.cli import main
 from relay.config import Settings, documented_variables, env_var
+from relay.ops.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

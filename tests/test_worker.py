@@ -27,9 +27,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from relay.config import Settings
 from relay.errors import SigningError, StoreUnavailable
 from relay.mail.mx import make_resolver
-from relay.store.outbox import Claimed, Decision, Finished, Outbox
 from relay.mail.signing import Signer
-from relay.worker import Worker, startup_checks
+from relay.ops.doctor import startup_checks
+from relay.store.outbox import Outbox
+from relay.store.records import Claimed, Finished
+from relay.store.retry import Decision
+from relay.worker import Worker
 from tests.conftest import SUPPORT_DOMAIN
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer

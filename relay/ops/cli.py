@@ -6,6 +6,7 @@ Configuration is loaded once per command through `load_settings()`; a bad config
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -16,9 +17,11 @@ from typing import Any, NoReturn
 import click
 
 from relay import logs
-from relay.store import outbox as outbox_mod
 from relay.config import Settings, load_settings
 from relay.errors import ConfigError, StoreError
+from relay.store import views
+from relay.store.outbox import Outbox
+from relay.store.schema import STATUSES
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -141,9 +144,9 @@ def send(
 # --- outbox: worker, log, show, retry, purge, queue-check, db ------------------------------
 
 
-def _outbox(ctx: click.Context) -> outbox_mod.Outbox:
+def _outbox(ctx: click.Context) -> Outbox:
     """The store for this command; closed when the command ends."""
-    store = outbox_mod.Outbox.from_settings(get_settings(ctx))
+    store = Outbox.from_settings(get_settings(ctx))
     ctx.call_on_close(store.dispose)
     return store
 
@@ -152,7 +155,7 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
     if value is None:
         return None
     try:
-        return outbox_mod.parse_duration(value)
+        return views.parse_duration(value)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
 
@@ -162,17 +165,18 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.pass_context
 def worker(ctx: click.Context, once: bool) -> None:
     """Deliver queued mail (SIGTERM/SIGINT: finish what is in flight, then exit)."""
-    from relay.worker import run_worker  # noqa: PLC0415 - asyncio and SMTP only here
+    from relay.ops.doctor import startup_checks  # noqa: PLC0415 - asyncio and SMTP only here
+    from relay.worker import run_worker  # noqa: PLC0415
 
     settings = get_settings(ctx)
     try:
-        run_worker(settings, once=once)
+        run_worker(settings, once=once, startup=functools.partial(startup_checks, settings))
     except StoreError as exc:
         fail(f"relay worker: {exc}")
 
 
 @main.command("log")
-@click.option("--status", type=click.Choice(outbox_mod.STATUSES), help="Only this status.")
+@click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_duration, help="Only messages newer than this (2h, 3d).")
 @click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -189,10 +193,10 @@ def log_command(
     now = store.clock()
     if as_json:
         for row in rows:
-            click.echo(json.dumps(outbox_mod.log_record(row, now)))
+            click.echo(json.dumps(views.log_record(row, now)))
         return
     width = None if not sys.stdout.isatty() else max(20, shutil.get_terminal_size().columns - 70)
-    click.echo(outbox_mod.log_table(rows, now, reply_width=width))
+    click.echo(views.log_table(rows, now, reply_width=width))
 
 
 @main.command()
@@ -207,9 +211,9 @@ def show(ctx: click.Context, message_id: str, as_json: bool) -> None:
     except StoreError as exc:
         fail(f"relay show: {exc}")
     if as_json:
-        click.echo(json.dumps(outbox_mod.detail_record(detail), indent=2))
+        click.echo(json.dumps(views.detail_record(detail), indent=2))
     else:
-        click.echo(outbox_mod.detail_text(detail, store.clock()))
+        click.echo(views.detail_text(detail, store.clock()))
 
 
 @main.command()

@@ -43,16 +43,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay import create_app, logs
-from relay.web.captcha import MISSING
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
-from relay.ops.doctor import run_checks
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
 from relay.mail.mx import make_resolver
-from relay.store.outbox import Outbox, detail_text, log_table
+from relay.mail.signing import dkim_txt_record
+from relay.ops.doctor import run_checks
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
-from relay.mail.signing import dkim_txt_record
+from relay.store.outbox import Outbox
+from relay.store.views import detail_text, log_table
+from relay.web.captcha import MISSING
 from relay.worker import Worker
 
 log = logging.getLogger("relay.demo")

@@ -39,14 +39,14 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import logs
-from relay.web import forms
-from relay.web.captcha import MISSING, HCaptchaVerifier, Verifier, site_keys
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
 from relay.errors import CaptchaError, ConfigError, MessageError, StoreUnavailable
 from relay.logs import event
 from relay.mail.message import Submission, build_message
 from relay.mail.mx import make_resolver
 from relay.store.outbox import Outbox, new_id
+from relay.web import forms
+from relay.web.captcha import MISSING, HCaptchaVerifier, Verifier, site_keys
 
 log = logging.getLogger("relay.web")
 

@@ -27,11 +27,11 @@ from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
 from wtforms import EmailField, StringField, TextAreaField
 
-from relay.mail import message as message_module
-from relay.mail import mx
 from relay.config import Settings
 from relay.errors import MessageError
 from relay.logs import event
+from relay.mail import message as message_module
+from relay.mail import mx
 
 log = logging.getLogger("relay.forms")
 

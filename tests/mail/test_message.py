@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from relay.mail import message as message_module
 from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
+from relay.mail import message as message_module
 from relay.mail.message import (
     EMAIL_MAX,
     HEADER_SET,

@@ -30,8 +30,8 @@ import dns.rdataclass
 import dns.rdatatype
 import pytest
 
-from relay.mail import mx
 from relay.errors import DNSError
+from relay.mail import mx
 from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, resolve_addresses, resolve_mx
 from tests.peers.dns import DNSZoneServer
 

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from relay.config import Settings
 from relay.errors import ConnectionFailure, DNSPermanentError, DNSTemporaryError, SMTPReplyError
+from relay.mail.attempt import AttemptResult
+from relay.mail.conversation import dot_stuff, parse_reply
 from relay.mail.mx import make_resolver
-from relay.mail.smtp import AttemptResult, deliver, dot_stuff, parse_reply
+from relay.mail.smtp import deliver
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import DROP, HANG, ScriptedHandler, SMTPPeer, SubmissionPeer

@@ -17,9 +17,11 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import Settings
 from relay.errors import ConnectionFailure, SMTPReplyError
+from relay.mail.attempt import AttemptResult
 from relay.mail.mx import make_resolver
+from relay.mail.sessions import SessionCache
+from relay.mail.smtp import deliver
 from relay.store.outbox import Outbox
-from relay.mail.smtp import AttemptResult, SessionCache, deliver
 from relay.worker import Worker
 from tests.conftest import MX2_IP, MX_IP
 from tests.peers.dns import DNSZoneServer

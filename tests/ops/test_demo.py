@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from relay.config import Settings
+from relay.errors import CaptchaError, ConfigError
+from relay.mail.signing import Signer, dkim_txt_record
 from relay.ops.demo import (
     DEMO_CAPTCHA_TOKEN,
     FROM_DOMAIN,
@@ -23,10 +25,8 @@ from relay.ops.demo import (
     refuse_outside_demo,
     sync_resolver,
 )
-from relay.errors import CaptchaError, ConfigError
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.mailbox import check_dkim, check_spf
-from relay.mail.signing import Signer, dkim_txt_record
 from tests.conftest import unavailable
 
 RELAY = Path(sys.executable).with_name("relay")

@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from dnslib import QTYPE, RR
 
+from relay.config import Settings
+from relay.mail.mx import make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
-from relay.config import Settings
 from relay.ops.doctor import run_checks
-from relay.mail.mx import make_resolver
 from relay.store.outbox import Outbox
 from tests.conftest import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN
 from tests.peers.dns import DNSZoneServer

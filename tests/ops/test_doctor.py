@@ -14,9 +14,10 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
+from relay.mail.mx import make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.ops.doctor import (
     Check,
     aligned,
@@ -26,7 +27,6 @@ from relay.ops.doctor import (
     organisational_domain,
     run_checks,
 )
-from relay.mail.mx import make_resolver
 from relay.store.outbox import Outbox
 from tests.conftest import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
 from tests.peers.dns import DNSZoneServer, ptr_name, txt_record

@@ -16,9 +16,9 @@ from click.testing import CliRunner, Result
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from relay.mail.signing import Signer, dkim_txt_record
 from relay.ops import keygen
 from relay.ops.cli import main
-from relay.mail.signing import Signer, dkim_txt_record
 from tests.conftest import FROM_DOMAIN
 from tests.peers.dns import DNSZoneServer
 

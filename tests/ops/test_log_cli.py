@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from relay.ops.cli import main
 from relay.config import Settings
+from relay.ops.cli import main
 from relay.store.outbox import Outbox
 from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import SMTPPeer

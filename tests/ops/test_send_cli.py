@@ -15,8 +15,8 @@ import dns.resolver
 import pytest
 from click.testing import CliRunner, Result
 
-from relay.ops.cli import main
 from relay.config import load_settings
+from relay.ops.cli import main
 from relay.store.outbox import Outbox
 from tests.conftest import MX2_IP
 from tests.peers.dns import DNSZoneServer

@@ -27,20 +27,13 @@ from relay.errors import (
     SMTPReplyError,
     StoreUnavailable,
 )
+from relay.mail.attempt import AttemptResult, HostTry, Outcome, reply_fields
 from relay.mail.message import BuiltMessage, Submission, build_message
-from relay.store.outbox import (
-    Finished,
-    Outbox,
-    RetryPolicy,
-    decide,
-    detail_text,
-    human_age,
-    log_table,
-    metadata,
-    parse_duration,
-    reply_fields,
-)
-from relay.mail.smtp import AttemptResult, HostTry, Outcome
+from relay.store.outbox import Outbox
+from relay.store.records import Finished
+from relay.store.retry import RetryPolicy, decide, human_age
+from relay.store.schema import metadata
+from relay.store.views import detail_text, log_table, parse_duration
 from tests.conftest import POSTGRES_ADMIN_URL
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -244,7 +237,7 @@ def test_failed_enqueue_writes_nothing(store: Outbox, plain_settings: Settings) 
     )
     if store.dialect == "sqlite":
         # SQLite does not enforce lengths; break the transaction after the insert instead.
-        with pytest.raises(StoreUnavailable), store._tx() as conn:
+        with pytest.raises(StoreUnavailable), store.tx() as conn:
             conn.execute(sa.text("INSERT INTO messages (id) VALUES ('x')"))
     else:
         with pytest.raises(StoreUnavailable):

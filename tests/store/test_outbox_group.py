@@ -24,7 +24,8 @@ from sqlalchemy import event
 from relay.config import Settings
 from relay.errors import StoreUnavailable
 from relay.mail.message import BuiltMessage
-from relay.store.outbox import Outbox, messages
+from relay.store.outbox import Outbox
+from relay.store.schema import messages
 from tests.conftest import POSTGRES_ADMIN_URL
 from tests.store.test_outbox import built
 
@@ -156,11 +157,11 @@ def queue_behind_leader(store: Outbox, callers: Callers, batch: list[BuiltMessag
     group. On SQLite the leader takes its group only once BEGIN IMMEDIATE returns, so it is
     still queued itself; on PostgreSQL BEGIN costs nothing and its INSERT waits instead."""
     callers.start(batch[0])
-    wait_until(lambda: store._group_leading, "the leader")
+    wait_until(lambda: store._enqueue.leading, "the leader")
     for message in batch[1:]:
         callers.start(message)
     queued = len(batch) if store.dialect == "sqlite" else len(batch) - 1
-    wait_until(lambda: len(store._group) == queued, "the callers to queue")
+    wait_until(lambda: store._enqueue.waiting == queued, "the callers to queue")
 
 
 def test_concurrent_enqueues_share_a_commit(store: Outbox, plain_settings: Settings) -> None:
@@ -242,8 +243,8 @@ def test_a_store_that_stays_locked_fails_every_queued_caller(
         assert all("locked" in str(r.error) for r in results)
         assert all(r.outbox_id is None for r in results)
         assert stored_subjects(store) == []
-        assert not store._group
-        assert not store._group_leading
+        assert not store._enqueue.waiting
+        assert not store._enqueue.leading
         store.enqueue(built(plain_settings, 9))  # and the next caller leads again
         assert stored_subjects(store) == ["Order 9 is late"]
     finally:
@@ -288,7 +289,7 @@ def test_killed_backend_replays_a_group_once_never_twice(
             queue_behind_leader(store, callers, batch)
             kill_the_blocked_leader()  # the first group (the leader alone) runs again...
             kill_the_blocked_leader()  # ...and is not replayed a second time
-            wait_until(lambda: not store._group, "the next leader to take the rest")
+            wait_until(lambda: not store._enqueue.waiting, "the next leader to take the rest")
             kill_the_blocked_leader()  # the second group runs again and commits
             wait_until(lambda: blocked() is not None, "the second group's replay")
             release()

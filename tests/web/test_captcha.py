@@ -7,8 +7,8 @@ import logging
 
 import pytest
 
-from relay.web.captcha import HCaptchaVerifier, check_verdict
 from relay.errors import CaptchaError
+from relay.web.captcha import HCaptchaVerifier, check_verdict
 from tests.peers.captcha import TEST_SECRET, SiteverifyStub
 from tests.web.conftest import token
 

@@ -38,7 +38,6 @@ import dns.resolver
 import spf
 from cryptography.hazmat.primitives import serialization
 
-from relay.ops import dnsrecords
 from relay.config import (
     HCAPTCHA_TEST_SECRET,
     HCAPTCHA_TEST_SITEKEY,
@@ -49,6 +48,7 @@ from relay.config import (
 from relay.errors import DNSError, StoreUnavailable
 from relay.logs import event
 from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
+from relay.ops import dnsrecords
 
 Status = Literal["PASS", "WARN", "FAIL"]
 _RANK: dict[Status, int] = {"PASS": 0, "WARN": 1, "FAIL": 2}
@@ -1311,3 +1311,10 @@ async def records_to_publish(
     elif dmarc or dmarc_lookup.temporary:
         notes.append(f"check the DMARC record at {where} before replacing it with the one below")
     return records, notes
+
+
+async def startup_checks(settings: Settings, resolver: Any) -> None:
+    """The checks a long-running worker logs at start (every non-PASS, on relay.worker's
+    log): delivery does not wait for them (relay.worker.run_worker runs them beside it)."""
+    checks = await run_checks(settings, resolver=resolver, database=False)
+    log_checks(logging.getLogger("relay.worker"), checks)

@@ -1,4 +1,4 @@
-"""Alembic environment for the outbox, driven from code (relay.outbox.alembic_config).
+"""Alembic environment for the outbox, driven from code (relay.store.engine.alembic_config).
 
 No alembic.ini is needed: the caller hands over an open connection in
 ``config.attributes["connection"]``. On PostgreSQL an advisory lock serialises concurrent
@@ -10,7 +10,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from relay.store.outbox import MIGRATION_LOCK_KEY, metadata
+from relay.store.engine import MIGRATION_LOCK_KEY
+from relay.store.schema import metadata
 
 config = context.config
 

@@ -1,0 +1,116 @@
+"""The outbox's tables, as SQLAlchemy Core metadata (Alembic migrations create them).
+
+While a message is `sending`, `next_attempt_at` holds its lease expiry, so a message whose
+worker died becomes due again through the same (status, next_attempt_at) index.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import sqlalchemy as sa
+
+Status = Literal["queued", "sending", "deferred", "delivered", "failed"]
+STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed")
+DUE_STATUSES = ("queued", "deferred", "sending")  # claimable once next_attempt_at has passed
+PENDING_STATUSES = ("queued", "sending", "deferred")  # not delivered and not failed yet
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; stored naive-UTC on SQLite, timestamptz on PostgreSQL."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the outbox; use aware UTC")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: sa.Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+metadata = sa.MetaData()
+_ts = UTCDateTime
+
+messages = sa.Table(
+    "messages",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("body", sa.LargeBinary, nullable=True),  # unsigned; NULL once purged
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("recipient", sa.String(320), nullable=False),
+    sa.Column("envelope_from", sa.String(320), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("meta", sa.JSON, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("created_at", _ts, nullable=False),
+    sa.Column("first_attempt_at", _ts, nullable=True),
+    sa.Column("last_attempt_at", _ts, nullable=True),
+    sa.Column("next_attempt_at", _ts, nullable=True),
+    sa.Column("finished_at", _ts, nullable=True),
+    sa.Column("last_code", sa.Integer, nullable=True),
+    sa.Column("last_enhanced_status", sa.String(16), nullable=True),
+    sa.Column("last_mx", sa.String(255), nullable=True),
+    sa.Column("last_text", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires_at", _ts, nullable=True),
+    sa.Column("claimed_at", _ts, nullable=True),
+    sa.Column("possible_duplicate", sa.Boolean, nullable=False),
+    sa.Column("failure_reason", sa.Text, nullable=True),
+    sa.Column("purged_at", _ts, nullable=True),
+    sa.Index("ix_messages_due", "status", "next_attempt_at"),
+    sa.Index("ix_messages_created", "created_at"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "outbox_id", sa.String(32), sa.ForeignKey("messages.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("started_at", _ts, nullable=False),
+    sa.Column("finished_at", _ts, nullable=False),
+    sa.Column(
+        "outcome", sa.String(16), nullable=False
+    ),  # delivered/temporary/permanent/interrupted
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("enhanced_status", sa.String(16), nullable=True),
+    sa.Column("mx_host", sa.String(255), nullable=True),
+    sa.Column("text", sa.Text, nullable=True),
+    sa.Column("possible_duplicate", sa.Boolean, nullable=False),
+    sa.Column("worker", sa.String(64), nullable=True),
+    sa.Index("ix_attempts_outbox_id", "outbox_id", "number"),
+)
+
+attempt_hosts = sa.Table(
+    "attempt_hosts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "attempt_id", sa.Integer, sa.ForeignKey("attempts.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("position", sa.Integer, nullable=False),
+    sa.Column("mx_host", sa.String(255), nullable=False),
+    sa.Column("ip", sa.String(64), nullable=True),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("tls", sa.String(32), nullable=True),
+    sa.Column("code", sa.Integer, nullable=True),
+    sa.Column("enhanced_status", sa.String(16), nullable=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("stage", sa.String(32), nullable=False),
+    sa.Column("duration", sa.Float, nullable=False),
+    sa.Column("started_at", _ts, nullable=True),
+    sa.Index("ix_attempt_hosts_attempt_id", "attempt_id", "position"),
+)
