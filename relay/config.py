@@ -302,25 +302,67 @@ def _check_ed25519(pem: bytes, var: str, problems: list[str]) -> None:
         problems.append(f"{var}: must be an Ed25519 key")
 
 
-def load_settings(
-    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
-) -> Settings:
-    """Read, validate and return the settings, or raise ConfigError listing every problem.
+def hcaptcha_test_keys(settings: Settings) -> list[str]:
+    """The RELAY_ variables that hold hCaptcha's published test keys (which pass every token)."""
+    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
+    found = []
+    if settings.hcaptcha_sitekey == HCAPTCHA_TEST_SITEKEY:
+        found.append("RELAY_HCAPTCHA_SITEKEY")
+    if secret == HCAPTCHA_TEST_SECRET:
+        found.append("RELAY_HCAPTCHA_SECRET")
+    return found
 
-    `environ` defaults to os.environ; tests pass a mapping so nothing leaks between them.
-    """
+
+def hcaptcha_key_problems(settings: Settings) -> list[str]:
+    """The one rule for hCaptcha keys: outside development both are required and neither may
+    be a published test key (in development, test and demo, missing keys default to them)."""
+    if settings.is_development:
+        return []
+    problems = []
+    test_keys = hcaptcha_test_keys(settings)
+    if not settings.hcaptcha_sitekey:
+        problems.append("RELAY_HCAPTCHA_SITEKEY: required in production")
+    elif "RELAY_HCAPTCHA_SITEKEY" in test_keys:
+        problems.append(
+            "RELAY_HCAPTCHA_SITEKEY: hCaptcha's published test key accepts everyone; "
+            "refused outside development"
+        )
+    if settings.hcaptcha_secret is None:
+        problems.append("RELAY_HCAPTCHA_SECRET: required in production")
+    elif "RELAY_HCAPTCHA_SECRET" in test_keys:
+        problems.append(
+            "RELAY_HCAPTCHA_SECRET: hCaptcha's published test secret accepts everyone; "
+            "refused outside development"
+        )
+    return problems
+
+
+def hcaptcha_keys(settings: Settings) -> tuple[str, str]:
+    """(sitekey, secret) to use: the configured ones, or in development the published test
+    keys; ConfigError where hcaptcha_key_problems finds any."""
+    problems = hcaptcha_key_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
+    return settings.hcaptcha_sitekey or HCAPTCHA_TEST_SITEKEY, secret or HCAPTCHA_TEST_SECRET
+
+
+def _environment(environ: Mapping[str, str] | None, env_file: str | Path | None) -> dict[str, str]:
+    """The .env file's values, overridden by the environment's."""
     merged: dict[str, str] = {}
     if env_file is not None and Path(env_file).is_file():
         merged.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
     merged.update(os.environ if environ is None else environ)
+    return merged
 
-    problems: list[str] = []
-    warnings: list[str] = []
-    values = _collect(merged)
-    bad: set[str] = set()
+
+def _parse(values: dict[str, str], problems: list[str]) -> tuple[Settings, set[str]]:
+    """Settings from the values, and the fields that were invalid (each a problem). The
+    valid fields are kept, so every other problem can be reported too."""
     try:
-        settings = Settings.model_validate(values)
+        return Settings.model_validate(values), set()
     except ValidationError as exc:
+        bad: set[str] = set()
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
             bad.add(field)
@@ -328,25 +370,23 @@ def load_settings(
                 problems.append(f"{env_var(field)}: required")
             else:
                 problems.append(f"{env_var(field)}: {error['msg']}")
-        # Go on with the fields that were valid, so every other problem is reported too.
         required = {n for n, f in Settings.model_fields.items() if f.is_required()}
         partial = {k: v for k, v in values.items() if k not in bad}
         partial.update(dict.fromkeys(required & bad, "placeholder"))
-        settings = Settings.model_validate(partial)
+        return Settings.model_validate(partial), bad
 
-    s = settings
+
+def _check_identities(s: Settings, bad: set[str], problems: list[str], warnings: list[str]) -> None:
+    """The addresses, the HELO name and DMARC alignment."""
+    test_domains = s.allow_test_domains
     if "support_address" not in bad:
         _check_address(
-            s.support_address, "RELAY_SUPPORT_ADDRESS", problems, test_domains=s.allow_test_domains
+            s.support_address, "RELAY_SUPPORT_ADDRESS", problems, test_domains=test_domains
         )
     if "from_address" not in bad:
-        _check_address(
-            s.from_address, "RELAY_FROM_ADDRESS", problems, test_domains=s.allow_test_domains
-        )
+        _check_address(s.from_address, "RELAY_FROM_ADDRESS", problems, test_domains=test_domains)
     if s.envelope_from:
-        _check_address(
-            s.envelope_from, "RELAY_ENVELOPE_FROM", problems, test_domains=s.allow_test_domains
-        )
+        _check_address(s.envelope_from, "RELAY_ENVELOPE_FROM", problems, test_domains=test_domains)
     if not bad & {"support_address", "from_address"} and (
         s.support_address.lower() == s.from_address.lower()
     ):
@@ -367,39 +407,50 @@ def load_settings(
             f"domain {s.from_domain}; DMARC will not pass on SPF"
         )
 
-    key_pem: bytes | None = None
+
+def _rsa_key(s: Settings, problems: list[str], warnings: list[str]) -> bytes | None:
+    """The RSA key's PEM, from the file or the variable (exactly one)."""
     if s.dkim_private_key_file and s.dkim_private_key:
         problems.append("RELAY_DKIM_PRIVATE_KEY_FILE / RELAY_DKIM_PRIVATE_KEY: set one, not both")
-    elif s.dkim_private_key_file:
-        key_pem = _read_key(
-            s.dkim_private_key_file, "RELAY_DKIM_PRIVATE_KEY_FILE", problems, warnings
-        )
+        return None
+    if s.dkim_private_key_file:
         var = "RELAY_DKIM_PRIVATE_KEY_FILE"
+        pem = _read_key(s.dkim_private_key_file, var, problems, warnings)
     elif s.dkim_private_key:
-        key_pem = s.dkim_private_key.get_secret_value().encode()
         var = "RELAY_DKIM_PRIVATE_KEY"
+        pem = s.dkim_private_key.get_secret_value().encode()
     else:
         problems.append(
             "RELAY_DKIM_PRIVATE_KEY_FILE: required (or RELAY_DKIM_PRIVATE_KEY with PEM text); "
             "create one with `relay dkim keygen`"
         )
-    if key_pem is not None:
-        key_pem = normalise_pem(key_pem)
-        _check_rsa(key_pem, var, problems)
+        return None
+    if pem is None:
+        return None
+    pem = normalise_pem(pem)
+    _check_rsa(pem, var, problems)
+    return pem
 
-    ed_pem: bytes | None = None
+
+def _ed25519_key(s: Settings, problems: list[str], warnings: list[str]) -> bytes | None:
     if bool(s.dkim_ed25519_selector) != bool(s.dkim_ed25519_key_file):
         problems.append(
             "RELAY_DKIM_ED25519_SELECTOR / RELAY_DKIM_ED25519_KEY_FILE: set both or neither"
         )
-    elif s.dkim_ed25519_key_file:
-        ed_pem = _read_key(
-            s.dkim_ed25519_key_file, "RELAY_DKIM_ED25519_KEY_FILE", problems, warnings
-        )
-        if ed_pem is not None:
-            ed_pem = normalise_pem(ed_pem)
-            _check_ed25519(ed_pem, "RELAY_DKIM_ED25519_KEY_FILE", problems)
+        return None
+    if not s.dkim_ed25519_key_file:
+        return None
+    var = "RELAY_DKIM_ED25519_KEY_FILE"
+    pem = _read_key(s.dkim_ed25519_key_file, var, problems, warnings)
+    if pem is None:
+        return None
+    pem = normalise_pem(pem)
+    _check_ed25519(pem, var, problems)
+    return pem
 
+
+def _check_delivery(s: Settings, problems: list[str]) -> None:
+    """The smarthost, the retry schedule and the rate-limit store."""
     if s.smarthost:
         try:
             s.smarthost_address  # noqa: B018 - parses host[:port]
@@ -421,32 +472,39 @@ def load_settings(
             f"RELAY_RATE_LIMIT_STORAGE: {s.rate_limit_storage!r}: use memory:// or redis://host:port"
         )
 
-    if not s.is_development:
-        if s.secret_key is None or len(s.secret_key.get_secret_value()) < 32:
-            problems.append(
-                "RELAY_SECRET_KEY: required in production, at least 32 characters "
-                '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
-            )
-        if not s.hcaptcha_sitekey:
-            problems.append("RELAY_HCAPTCHA_SITEKEY: required in production")
-        elif s.hcaptcha_sitekey == HCAPTCHA_TEST_SITEKEY:
-            problems.append(
-                "RELAY_HCAPTCHA_SITEKEY: hCaptcha's published test key accepts everyone; "
-                "refused outside development"
-            )
-        if s.hcaptcha_secret is None:
-            problems.append("RELAY_HCAPTCHA_SECRET: required in production")
-        elif s.hcaptcha_secret.get_secret_value() == HCAPTCHA_TEST_SECRET:
-            problems.append(
-                "RELAY_HCAPTCHA_SECRET: hCaptcha's published test secret accepts everyone; "
-                "refused outside development"
-            )
-        if not s.allowed_origins:
-            problems.append(
-                "RELAY_ALLOWED_ORIGINS: required in production: the origins "
-                "(https://www.example.com) allowed to embed and post the form"
-            )
 
+def _check_production(s: Settings, problems: list[str]) -> None:
+    """What only production requires: a real secret key, real hCaptcha keys, origins."""
+    if s.is_development:
+        return
+    if s.secret_key is None or len(s.secret_key.get_secret_value()) < 32:
+        problems.append(
+            "RELAY_SECRET_KEY: required in production, at least 32 characters "
+            '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+        )
+    problems.extend(hcaptcha_key_problems(s))
+    if not s.allowed_origins:
+        problems.append(
+            "RELAY_ALLOWED_ORIGINS: required in production: the origins "
+            "(https://www.example.com) allowed to embed and post the form"
+        )
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> Settings:
+    """Read, validate and return the settings, or raise ConfigError listing every problem.
+
+    `environ` defaults to os.environ; tests pass a mapping so nothing leaks between them.
+    """
+    problems: list[str] = []
+    warnings: list[str] = []
+    s, bad = _parse(_collect(_environment(environ, env_file)), problems)
+    _check_identities(s, bad, problems, warnings)
+    key_pem = _rsa_key(s, problems, warnings)
+    ed_pem = _ed25519_key(s, problems, warnings)
+    _check_delivery(s, problems)
+    _check_production(s, problems)
     if problems:
         raise ConfigError(problems)
     return s.model_copy(
