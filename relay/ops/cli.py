@@ -64,24 +64,27 @@ def _host_line(host: Any) -> str:
     )
 
 
-def _send_now(settings: Settings, built: Any) -> int:
+def _send_now(settings: Settings, built: Any, resolver: Any) -> int:
     """Sign and deliver one message through the worker's code path; 0 when delivered."""
     import asyncio  # noqa: PLC0415 - asyncio, DNS and SMTP only for this command
 
-    from relay.mail.mx import make_resolver  # noqa: PLC0415
+    from relay.mail.send import sign_and_deliver  # noqa: PLC0415
     from relay.mail.signing import Signer  # noqa: PLC0415
     from relay.mail.smtp import deliver  # noqa: PLC0415
 
-    signed = Signer.from_settings(settings).sign(built.raw)
     result = asyncio.run(
-        deliver(
-            signed,
+        sign_and_deliver(
+            built.raw,
             recipient=built.recipient,
             envelope_from=built.envelope_from,
+            sign=Signer.from_settings(settings).sign,
+            deliver=deliver,
             settings=settings,
-            resolver=make_resolver(settings),
+            resolver=resolver,
         )
     )
+    if result.local:  # the key could not sign: no server was asked
+        fail(f"relay send: {result.error}")
     click.echo(f"message {built.message_id} to {built.recipient}")
     for host in result.hosts:
         click.echo(_host_line(host))
@@ -105,40 +108,38 @@ def _send_now(settings: Settings, built: Any) -> int:
 def send(
     ctx: click.Context, *, name: str, email: str, subject: str, message: str, now: bool
 ) -> None:
-    """Send one message as the form would: queued, or with --now delivered at once.
+    """Send one message as the form would: checked as the form checks it, then queued, or
+    with --now delivered at once.
 
     Exit status with --now: 0 delivered, 1 not delivered (temporary or permanent).
     """
-    from relay.errors import MessageError, RelayError  # noqa: PLC0415
-    from relay.mail.message import Submission, build_message  # noqa: PLC0415
+    from relay.errors import RelayError  # noqa: PLC0415
+    from relay.web.accept import Refused, accept, prepare  # noqa: PLC0415
+    from relay.web.forms import blocking_resolver  # noqa: PLC0415
 
     settings = get_settings(ctx)
     if message == "-":
         message = sys.stdin.read()
-    submission = Submission(
-        name=name, email=email, subject=subject, message=message, metadata={"Sent by": "relay send"}
-    )
+    data = {"name": name, "email": email, "subject": subject, "message": message}
+    resolver = _resolver(settings)
+    pipeline: dict[str, Any] = {
+        "settings": settings,
+        "resolver": blocking_resolver(resolver),
+        "metadata": {"Sent by": "relay send"},
+    }
     try:
-        built = build_message(submission, settings)
-    except MessageError as exc:
-        fail(f"relay send: {exc}")
-    if now:
+        if now:
+            sys.exit(_send_now(settings, prepare(data, **pipeline), resolver))
+        store = Outbox.from_settings(settings)
         try:
-            sys.exit(_send_now(settings, built))
-        except RelayError as exc:  # the key cannot sign, the resolver cannot be built
-            fail(f"relay send: {exc}")
-    try:
-        from relay.store.outbox import Outbox  # noqa: PLC0415
-    except ImportError:
-        fail("relay send: queueing needs the outbox (relay.outbox); use --now")
-    store = Outbox.from_settings(settings)
-    try:
-        outbox_id = store.enqueue(built, metadata={"source": "relay send"})
-    except RelayError as exc:
-        fail(f"relay send: not queued: {exc}")
-    finally:
-        store.dispose()
-    click.echo(f"queued {outbox_id} {built.message_id}; `relay worker` delivers it")
+            accepted = accept(data, outbox=store, log_metadata={"source": "relay send"}, **pipeline)
+        finally:
+            store.dispose()
+    except Refused as exc:
+        fail("relay send: " + "; ".join(exc.lines()))
+    except RelayError as exc:  # the store cannot commit, the key cannot sign
+        fail(f"relay send: {'' if now else 'not queued: '}{exc}")
+    click.echo(f"queued {accepted.id} {accepted.message_id}; `relay worker` delivers it")
 
 
 # --- outbox: worker, log, show, retry, purge, queue-check, db ------------------------------

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
+from relay.config import HCAPTCHA_TEST_SECRET, Settings, hcaptcha_keys
 from relay.errors import CaptchaError
 from relay.logs import event
 
@@ -93,7 +93,7 @@ class HCaptchaVerifier:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HCaptchaVerifier:
-        sitekey, secret = site_keys(settings)
+        sitekey, secret = hcaptcha_keys(settings)
         return cls(
             secret=secret,
             sitekey=sitekey,
@@ -169,14 +169,3 @@ def check_verdict(
     reported = body.get("sitekey")
     if reported is not None and reported != sitekey:
         raise CaptchaError([SITEKEY_MISMATCH])
-
-
-def site_keys(settings: Settings) -> tuple[str, str]:
-    """(sitekey, secret); in development without keys, hCaptcha's published test keys."""
-    sitekey = settings.hcaptcha_sitekey
-    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
-    if settings.is_development:
-        return sitekey or HCAPTCHA_TEST_SITEKEY, secret or HCAPTCHA_TEST_SECRET
-    if not sitekey or not secret:
-        raise ValueError("RELAY_HCAPTCHA_SITEKEY and RELAY_HCAPTCHA_SECRET are required")
-    return sitekey, secret

@@ -149,20 +149,21 @@ _REQUIRED = {
 
 
 def validate(
-    form: ContactForm,
+    data: Mapping[str, str],
     settings: Settings,
     resolver: Any,
     *,
-    errors: dict[str, list[str]] | None = None,
+    errors: Mapping[str, list[str]] | None = None,
 ) -> tuple[Clean | None, dict[str, list[str]]]:
-    """Check every field; return clean values, or None and {field: [messages]}."""
+    """Check every field of `data`; return clean values, or None and {field: [messages]}.
+    `errors` are problems already found while reading the request (kept, not re-checked)."""
     errors = {k: list(v) for k, v in (errors or {}).items()}
     max_len = limits()
     values: dict[str, str] = {}
     for name in FIELDS:
         if name in errors:
             continue
-        raw = (form[name].data or "").replace("\r\n", "\n")
+        raw = (data.get(name) or "").replace("\r\n", "\n")
         value = raw if name == "message" else raw.strip()
         multiline = name == "message"
         if not value.strip():
@@ -181,9 +182,6 @@ def validate(
             errors["email"] = email
         else:
             values["email"] = email
-    for name, messages in errors.items():
-        if name in form:
-            form[name].errors = list(messages)
     if errors:
         return None, errors
     try:
