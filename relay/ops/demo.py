@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from relay import create_app, logs
+from relay import logs
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
@@ -53,6 +53,7 @@ from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
 from relay.store.outbox import Outbox
 from relay.store.views import detail_text, log_table
+from relay.web.app import create_app
 from relay.web.captcha import MISSING
 from relay.worker import Worker
 
@@ -108,7 +109,7 @@ class OfflineDemoVerifier:
         event(log, "demo.captcha_accepted", offline=True, ip=remoteip)
 
 
-def refuse_outside_demo(environ: dict[str, str] | os._Environ[str]) -> str | None:
+def refuse_outside_demo(environ: Mapping[str, str]) -> str | None:
     """The refusal message when the calling environment says anything but demo."""
     env = environ.get("RELAY_ENV", "")
     if env not in ("", "demo"):
@@ -568,7 +569,3 @@ def _smoke(box: Sandbox, out: Callable[[str], None], timeout: float) -> int:
         return 0
     out("smoke: FAILED")
     return 1
-
-
-def default_folder() -> Path:
-    return Path("instance") / "demo"
