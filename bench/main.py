@@ -29,8 +29,8 @@ import psycopg
 from bench import accept, pipeline, postfix, profile, report, sign, world
 from bench.util import ROOT
 from relay.config import load_settings
+from relay.sandbox.world import FROM_DOMAIN, public_key_b64
 from relay.store.outbox import Outbox
-from tests.conftest import public_key_b64
 
 SECTIONS = ("sign", "accept", "e2e", "drain")
 WORK_PARENT = Path("/var/lib/formrelay-bench")
@@ -121,13 +121,12 @@ def database(store: str, folder: Path) -> Iterator[str]:
 def dkim_verifier(keys: world.Keys) -> Callable[[bytes], bool]:
     """dkimpy verification with the bench keys as the DNS answers."""
     records = {
-        b"s1._domainkey.relay.test.": f"v=DKIM1; k=rsa; p={public_key_b64(keys.rsa_pem)}",
-        b"e1._domainkey.relay.test.": f"v=DKIM1; k=ed25519; p={public_key_b64(keys.ed_pem)}",
+        f"s1._domainkey.{FROM_DOMAIN}.": f"v=DKIM1; k=rsa; p={public_key_b64(keys.rsa_pem)}",
+        f"e1._domainkey.{FROM_DOMAIN}.": f"v=DKIM1; k=ed25519; p={public_key_b64(keys.ed_pem)}",
     }
 
     def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
-        key = name if name.endswith(b".") else name + b"."
-        return records.get(key, "").encode()
+        return records.get(name.decode().rstrip(".") + ".", "").encode()
 
     def verify(message: bytes) -> bool:
         return bool(dkim.verify(message, dnsfunc=dnsfunc))

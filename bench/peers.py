@@ -1,9 +1,9 @@
 """The test world's peers in a process of their own: `python -m bench.peers ZONE_FILE`.
 
 The DNS server's zone and answers and the siteverify stand-in's verdicts come from
-tests/peers; run in the benchmark's own process they would share its GIL with the load they are
-meant to serve. This process prints one JSON line with their addresses, then serves until its
-stdin closes or it gets SIGTERM.
+relay.sandbox, as the tests' do; run in the benchmark's own process they would share its GIL
+with the load they are meant to serve. This process prints one JSON line with their addresses,
+then serves until its stdin closes or it gets SIGTERM.
 
 They share the 2 cores with the server under test, so here they are served by one asyncio
 loop instead of the test peers' thread per datagram and per connection (which cost about
@@ -32,8 +32,8 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from tests.peers.captcha import SiteverifyStub
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.captcha import SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
 
 HOST = "127.0.0.1"
 

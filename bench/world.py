@@ -1,6 +1,6 @@
 """The benchmark's world: DKIM keys, the DNS zone, the relay's environment, sample messages.
 
-It is the test suite's world (tests/conftest.py: relay.test sends, support.test's MX is
+It is the test suite's world (relay.sandbox.world: relay.test sends, support.test's MX is
 mx1.support.test = 127.0.0.2), so every figure is measured against the same loopback peers
 the tests use. Nothing here reaches a non-loopback address.
 """
@@ -21,8 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from bench.util import ROOT, python, stop_process
 from relay.config import Settings
 from relay.mail.message import BuiltMessage, Submission, build_message
-from tests.conftest import FROM_DOMAIN, MX_IP, SITEKEY, SUPPORT_DOMAIN, world_zone
-from tests.peers.captcha import TEST_SECRET
+from relay.sandbox.world import MX_IP, relay_environment, world_zone
 
 # Where the reference's resolver finds the zone on port 53: a loopback address of its own per
 # run (all of 127.0.0.0/8 is local on Linux), so two runs never collide.
@@ -80,24 +79,14 @@ def relay_env(
     """A complete RELAY_ environment for gunicorn and `relay worker` in the bench world."""
     return {
         **base,
-        "RELAY_ENV": "test",
-        "RELAY_SUPPORT_ADDRESS": f"help@{SUPPORT_DOMAIN}",
-        "RELAY_FROM_ADDRESS": f"form@{FROM_DOMAIN}",
-        "RELAY_FROM_NAME": "Example Shop",
-        "RELAY_HELO_HOSTNAME": f"mail.{FROM_DOMAIN}",
-        "RELAY_DKIM_SELECTOR": "s1",
-        "RELAY_DKIM_PRIVATE_KEY_FILE": str(keys.rsa_file),
+        **relay_environment(dkim_key_file=keys.rsa_file, instance_path=instance),
         "RELAY_DNS_NAMESERVERS": dns,
         "RELAY_DNS_TIMEOUT": "5",
         "RELAY_SMTP_PORT": str(smtp_port),
         "RELAY_SMTP_TLS": "may",
-        "RELAY_INSTANCE_PATH": str(instance),
         "RELAY_DATABASE_URL": database_url,
         "RELAY_SECRET_KEY": "bench-secret-key-" + "x" * 32,
-        "RELAY_HCAPTCHA_SITEKEY": SITEKEY,
-        "RELAY_HCAPTCHA_SECRET": TEST_SECRET,
         "RELAY_HCAPTCHA_VERIFY_URL": siteverify,
-        "RELAY_ALLOWED_ORIGINS": "http://localhost",
         # The bench is one client sending thousands of posts a minute.
         "RELAY_RATE_LIMIT": "10000000/minute",
         "RELAY_RATE_LIMIT_GLOBAL": "10000000/minute",

@@ -1,7 +1,8 @@
 """Shared fixtures: real peers on loopback (DNS, SMTP, siteverify), keys, settings, stores.
 
 Tests never reach a public address: every resolver points at `dns_server`, every zone maps
-names to 127.0.0.0/8, and the test domains end in `.test` (RFC 2606).
+names to 127.0.0.0/8, and the test domains end in `.test` (RFC 2606). The world itself (its
+domains, addresses and zone) is `relay.sandbox.world`, shared with the benchmark.
 
 With RELAY_STRICT_TESTS=1 (set by .ci/run) any skipped test is reported as a failure, so a
 missing PostgreSQL, Redis or Chromium cannot pass CI silently.
@@ -9,7 +10,6 @@ missing PostgreSQL, Redis or Chromium cannot pass CI silently.
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import uuid
@@ -22,8 +22,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import Settings, load_settings
-from tests.peers.captcha import TEST_SECRET, SiteverifyStub
-from tests.peers.dns import DNSZoneServer, ptr_name, txt_record
+from relay.sandbox.captcha import SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX_IP, SUPPORT_DOMAIN, relay_environment, world_zone
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 
 STRICT = os.environ.get("RELAY_STRICT_TESTS") == "1"
@@ -31,13 +32,6 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("RELAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-FROM_DOMAIN = "relay.test"
-SUPPORT_DOMAIN = "support.test"
-SENDING_IP = "127.0.0.1"
-MX_IP = "127.0.0.2"
-MX2_IP = "127.0.0.3"
-SITEKEY = "30000000-ffff-ffff-ffff-000000000003"
 
 
 def unavailable(reason: str) -> None:
@@ -77,18 +71,6 @@ def _write_key(path: Path, pem: bytes) -> Path:
     return path
 
 
-def public_key_b64(private_pem: bytes) -> str:
-    key = serialization.load_pem_private_key(private_pem, password=None)
-    public = key.public_key()
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return base64.b64encode(raw).decode()
-    der = public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(der).decode()
-
-
 @pytest.fixture(scope="session")
 def keys_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("keys")
@@ -117,34 +99,6 @@ def ed25519_key_file(keys_dir: Path) -> Path:
 
 
 # --- DNS ------------------------------------------------------------------------------------
-
-
-def world_zone(rsa_pem: bytes, ed_pem: bytes | None = None) -> str:
-    """A correct world: our sending domain with SPF/DKIM/DMARC/PTR, the support domain's MX."""
-    lines = [
-        f"{FROM_DOMAIN}. 300 IN MX 10 mail.{FROM_DOMAIN}.",
-        f"mail.{FROM_DOMAIN}. 300 IN A {SENDING_IP}",
-        txt_record(f"{FROM_DOMAIN}.", f"v=spf1 ip4:{SENDING_IP} -all"),
-        txt_record(f"s1._domainkey.{FROM_DOMAIN}.", f"v=DKIM1; k=rsa; p={public_key_b64(rsa_pem)}"),
-        txt_record(f"_dmarc.{FROM_DOMAIN}.", f"v=DMARC1; p=reject; rua=mailto:dmarc@{FROM_DOMAIN}"),
-        f"{ptr_name(SENDING_IP)} 300 IN PTR mail.{FROM_DOMAIN}.",
-        f"{SUPPORT_DOMAIN}. 300 IN MX 10 mx1.{SUPPORT_DOMAIN}.",
-        f"mx1.{SUPPORT_DOMAIN}. 300 IN A {MX_IP}",
-        f"mx2.{SUPPORT_DOMAIN}. 300 IN A {MX2_IP}",
-        # Visitors' domains used by the web tests.
-        "visitor.test. 300 IN MX 10 mx.visitor.test.",
-        "mx.visitor.test. 300 IN A 127.0.0.9",
-        "example.test. 300 IN A 127.0.0.10",
-        "nullmx.test. 300 IN MX 0 .",
-        'noaddress.test. 300 IN TXT "v=spf1 -all"',
-    ]
-    if ed_pem is not None:
-        lines.append(
-            txt_record(
-                f"e1._domainkey.{FROM_DOMAIN}.", f"v=DKIM1; k=ed25519; p={public_key_b64(ed_pem)}"
-            )
-        )
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -210,22 +164,12 @@ def siteverify() -> Iterator[SiteverifyStub]:
 def base_env(rsa_key_file: Path, tmp_path: Path) -> dict[str, str]:
     """A complete, valid RELAY_ environment for the test world (no DNS/SMTP ports yet)."""
     return {
-        "RELAY_ENV": "test",
-        "RELAY_SUPPORT_ADDRESS": f"help@{SUPPORT_DOMAIN}",
-        "RELAY_FROM_ADDRESS": f"form@{FROM_DOMAIN}",
-        "RELAY_FROM_NAME": "Example Shop",
-        "RELAY_HELO_HOSTNAME": f"mail.{FROM_DOMAIN}",
-        "RELAY_DKIM_SELECTOR": "s1",
-        "RELAY_DKIM_PRIVATE_KEY_FILE": str(rsa_key_file),
+        **relay_environment(dkim_key_file=rsa_key_file, instance_path=tmp_path / "instance"),
         "RELAY_DNS_TIMEOUT": "2",
         "RELAY_SMTP_CONNECT_TIMEOUT": "3",
         "RELAY_SMTP_TIMEOUT": "5",
         "RELAY_SMTP_DATA_TIMEOUT": "5",
-        "RELAY_INSTANCE_PATH": str(tmp_path / "instance"),
         "RELAY_SECRET_KEY": "test-secret-key-" + "x" * 32,
-        "RELAY_HCAPTCHA_SITEKEY": SITEKEY,
-        "RELAY_HCAPTCHA_SECRET": TEST_SECRET,
-        "RELAY_ALLOWED_ORIGINS": "http://localhost",
     }
 
 

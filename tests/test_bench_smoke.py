@@ -1,17 +1,29 @@
-"""The benchmark harness's pure parts: ratios, goals and the Markdown report, and `--help`.
+"""The benchmark harness's pure parts: ratios, goals and the Markdown report, and `--help`;
+and that bench/ stands on relay alone, without the test suite.
 
 No benchmark runs here (no timed assertions in the suite); `bench/run --quick` is run by hand.
 """
 
 from __future__ import annotations
 
+import ast
+import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
+# The checkout's own top-level packages (bench, relay, tests); anything else is third-party.
+FIRST_PARTY = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+BENCH_SOURCES = sorted([*(ROOT / "bench").rglob("*.py"), ROOT / "bench" / "run"])
+SANDBOX_SOURCES = sorted((ROOT / "relay" / "sandbox").glob("*.py"))
+SANDBOX_MAY_IMPORT = ("relay.config", "relay.errors", "relay.logs", "relay.sandbox")
 
 
 def _results() -> dict[str, object]:
@@ -86,3 +98,65 @@ def test_bench_run_help_lists_the_options() -> None:
     )
     assert "--quick" in out.stdout
     assert "--profile" in out.stdout
+
+
+def _first_party_imports(path: Path) -> Iterator[str]:
+    """Every absolute import of a first-party module in `path`, as a dotted name
+    (`from relay import config` counts as relay.config)."""
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = (
+                [f"{node.module}.{alias.name}" for alias in node.names]
+                if node.module in FIRST_PARTY
+                else [node.module]
+            )
+        else:
+            continue
+        yield from (name for name in names if name.split(".")[0] in FIRST_PARTY)
+
+
+def test_first_party_packages_are_found() -> None:
+    assert {"bench", "relay", "tests"} <= FIRST_PARTY
+    assert ROOT / "bench" / "main.py" in BENCH_SOURCES
+    assert ROOT / "relay" / "sandbox" / "world.py" in SANDBOX_SOURCES
+
+
+@pytest.mark.parametrize("path", BENCH_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_bench_imports_only_relay_and_bench(path: Path) -> None:
+    wrong = [m for m in _first_party_imports(path) if m.split(".")[0] not in {"relay", "bench"}]
+    assert wrong == [], f"{path.relative_to(ROOT)} imports {wrong}: bench/ must not need tests/"
+
+
+@pytest.mark.parametrize("path", SANDBOX_SOURCES, ids=lambda p: p.name)
+def test_sandbox_imports_only_the_bottom_layer_and_itself(path: Path) -> None:
+    wrong = [
+        m
+        for m in _first_party_imports(path)
+        if not any(m == allowed or m.startswith(allowed + ".") for allowed in SANDBOX_MAY_IMPORT)
+    ]
+    assert wrong == [], f"relay/sandbox/{path.name} imports {wrong}"
+
+
+def test_bench_run_help_works_without_the_tests(tmp_path: Path) -> None:
+    """A copy of bench/ with no tests/ beside it: relay comes from the editable install."""
+    shutil.copytree(ROOT / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("results"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *argv],
+            check=False,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    probe = run("-c", "import tests.conftest")
+    assert probe.returncode != 0, "tests/ is importable here: the check would prove nothing"
+    out = run(str(tmp_path / "bench" / "run"), "--help")
+    assert out.returncode == 0, out.stderr
+    assert "--quick" in out.stdout

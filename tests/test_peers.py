@@ -8,8 +8,8 @@ import dns.resolver
 import httpx
 import pytest
 
-from tests.peers.captcha import TEST_SECRET, SiteverifyStub
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.captcha import TEST_SECRET, SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
 from tests.peers.smtp import DROP, SMTPPeer
 
 

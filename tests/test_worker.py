@@ -29,12 +29,12 @@ from relay.errors import SigningError, StoreUnavailable
 from relay.mail.mx import make_resolver
 from relay.mail.signing import Signer
 from relay.ops.doctor import startup_checks
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
 from relay.store.retry import Decision
 from relay.worker import Worker
-from tests.conftest import SUPPORT_DOMAIN
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 from tests.store.test_outbox import FakeClock, built, delivered, greylisted, refused
 

@@ -1,10 +1,13 @@
-"""`bench/run --what-if tls-once`: measure the relay as if each process built its TLS client
-contexts once instead of once per request/delivery.
+"""`bench/run --what-if tls-once`: ssl.create_default_context cached per argument set, so each
+process builds a TLS client context once and every caller with the same arguments shares it.
 
-Loaded through PYTHONPATH by gunicorn and `relay worker` only for that what-if run. It caches
-ssl.create_default_context per argument set, which is what a fix in relay/captcha.py (one
-httpx.Client, or one SSLContext, per verifier) and relay/smtp.py (tls_context cached per
-policy and CA file) would do. Never used by the shipped code or the default benchmark.
+bench/main.py puts this folder on PYTHONPATH for gunicorn and `relay worker` in that run
+only; the shipped code and the default benchmark never load it. It simulated two fixes before
+they existed, and both have since shipped: `HCaptchaVerifier` keeps one httpx client (one
+context) per verifier (relay/web/captcha.py, 1740b82) and `tls_context` is cached per policy
+and CA file (relay/mail/conversation.py, 3429d62). On code since then it changes nothing the
+relay does per request or delivery; it is kept to re-measure older commits against them
+(docs/performance.md, bench/results/quick-whatif-tls-once.md).
 """
 
 import functools

@@ -1,6 +1,7 @@
 """A real authoritative DNS server on loopback, serving zones from zone-file text.
 
-Used by `relay demo` (the sandbox's DNS) and by the tests (tests/peers/dns.py re-exports it).
+Used by `relay demo` (the sandbox's DNS), by the tests (fixtures `dns_server`, `world_dns`)
+and by the benchmark (bench/peers.py serves `DNSZoneServer.answer` on its own loop).
 
 It answers over UDP and TCP on one port, distinguishes NXDOMAIN (the name does not exist)
 from NODATA (the name exists, not with that type), and can be told to SERVFAIL or to stay

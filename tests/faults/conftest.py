@@ -18,8 +18,11 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from relay.config import load_settings
+from relay.sandbox.captcha import SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX2_IP, MX_IP, SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import MX2_IP, MX_IP, SUPPORT_DOMAIN, unavailable
+from tests.conftest import unavailable
 from tests.faults.harness import (
     Proc,
     Visitor,
@@ -28,8 +31,6 @@ from tests.faults.harness import (
     txt_lookup,
     worker_proc,
 )
-from tests.peers.captcha import SiteverifyStub
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import FaultySMTP, Received, ScriptedHandler, SMTPPeer
 
 IDN_DOMAIN = "例え.test"

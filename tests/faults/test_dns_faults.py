@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import SUPPORT_DOMAIN
 from tests.faults.corpus import VALID
 from tests.faults.harness import Proc, Visitor, wait_status
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import SMTPPeer
 
 pytestmark = [

@@ -22,8 +22,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from relay.mail.message import HEADER_SET
+from relay.sandbox.world import SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import SUPPORT_DOMAIN
 from tests.faults.conftest import IDN_ASCII, IDN_DOMAIN, run_once
 from tests.faults.corpus import VALID, Case, corpus, hostile_form
 from tests.faults.harness import (

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler
 from tests.faults.corpus import VALID
 from tests.faults.harness import (
@@ -32,7 +33,6 @@ from tests.faults.harness import (
     wait_status,
     wait_until,
 )
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import SMTPPeer
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX_IP, SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import MX_IP, SUPPORT_DOMAIN
 from tests.faults.conftest import FaultHandler, FaultPeer
 from tests.faults.corpus import VALID
 from tests.faults.harness import Proc, Visitor, copies, run_relay, wait_status
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import HANG, SMTPPeer
 
 pytestmark = [

@@ -1,4 +1,4 @@
-"""MX resolution against a real DNS server on loopback (tests/peers/dns.py)."""
+"""MX resolution against a real DNS server on loopback (relay.sandbox.dns)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
 from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.dns import DNSZoneServer
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ import pytest
 from relay.errors import DNSError
 from relay.mail import mx
 from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, resolve_addresses, resolve_mx
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.dns import DNSZoneServer
 
 # A reply and the socket it leaves from: "main" (the one the query went to), "other-port" (the
 # same address, another port) or "other-address" (the same port on 127.0.0.2).

@@ -31,8 +31,8 @@ from relay.mail.signing import (
     sign_override_applies,
     split_txt,
 )
-from tests.conftest import public_key_b64
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import public_key_b64
 
 NOW = datetime(2026, 11, 28, 12, 30, 5, tzinfo=UTC)
 DnsFunc = Callable[..., bytes | None]

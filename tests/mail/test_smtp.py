@@ -24,8 +24,8 @@ from relay.mail.attempt import AttemptResult
 from relay.mail.conversation import dot_stuff, parse_reply
 from relay.mail.mx import make_resolver
 from relay.mail.smtp import deliver
-from tests.conftest import MX2_IP, MX_IP
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX2_IP, MX_IP
 from tests.peers.smtp import DROP, HANG, ScriptedHandler, SMTPPeer, SubmissionPeer
 
 SENDER = "form@relay.test"

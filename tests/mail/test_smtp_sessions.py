@@ -21,10 +21,10 @@ from relay.mail.attempt import AttemptResult
 from relay.mail.mx import make_resolver
 from relay.mail.sessions import SessionCache
 from relay.mail.smtp import deliver
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX2_IP, MX_IP
 from relay.store.outbox import Outbox
 from relay.worker import Worker
-from tests.conftest import MX2_IP, MX_IP
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer, SubmissionPeer
 from tests.store.test_outbox import built
 

@@ -16,9 +16,9 @@ from relay.mail.mx import make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
 from relay.ops.doctor import run_checks
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
-from tests.conftest import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN
-from tests.peers.dns import DNSZoneServer
 
 SUPPORT_ONLY = (
     f"{SUPPORT_DOMAIN}. 300 IN MX 10 mx1.{SUPPORT_DOMAIN}.\n"

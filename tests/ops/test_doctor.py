@@ -27,9 +27,9 @@ from relay.ops.doctor import (
     organisational_domain,
     run_checks,
 )
+from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
+from relay.sandbox.world import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
 from relay.store.outbox import Outbox
-from tests.conftest import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
-from tests.peers.dns import DNSZoneServer, ptr_name, txt_record
 
 ORDER = [
     "sending-ip",

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from relay.mail.signing import Signer, dkim_txt_record
 from relay.ops import keygen
 from relay.ops.cli import main
-from tests.conftest import FROM_DOMAIN
-from tests.peers.dns import DNSZoneServer
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import FROM_DOMAIN
 
 MESSAGE = (
     b"From: form@relay.test\r\nTo: help@support.test\r\nSubject: hello\r\n"

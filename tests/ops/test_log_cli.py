@@ -25,8 +25,8 @@ from click.testing import CliRunner, Result
 
 from relay.config import Settings
 from relay.ops.cli import main
+from relay.sandbox.dns import DNSZoneServer
 from relay.store.outbox import Outbox
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import SMTPPeer
 from tests.store.test_outbox import built
 

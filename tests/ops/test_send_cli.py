@@ -17,9 +17,9 @@ from click.testing import CliRunner, Result
 
 from relay.config import load_settings
 from relay.ops.cli import main
+from relay.sandbox.dns import DNSZoneServer
+from relay.sandbox.world import MX2_IP
 from relay.store.outbox import Outbox
-from tests.conftest import MX2_IP
-from tests.peers.dns import DNSZoneServer
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 
 ARGS = [

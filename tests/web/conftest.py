@@ -14,9 +14,9 @@ from flask.testing import FlaskClient
 
 from relay import create_app
 from relay.config import Settings
+from relay.sandbox.captcha import SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
 from relay.store.outbox import Outbox
-from tests.peers.captcha import SiteverifyStub
-from tests.peers.dns import DNSZoneServer
 
 PARTNER = "http://partner.test"
 EVIL = "http://evil.test"

@@ -8,11 +8,11 @@ import logging
 import pytest
 
 from relay.errors import CaptchaError
+from relay.sandbox.captcha import TEST_SECRET, SiteverifyStub
+from relay.sandbox.world import SITEKEY
 from relay.web.captcha import HCaptchaVerifier, check_verdict
-from tests.peers.captcha import TEST_SECRET, SiteverifyStub
 from tests.web.conftest import token
 
-SITEKEY = "30000000-ffff-ffff-ffff-000000000003"
 HOSTS = {"localhost"}
 
 

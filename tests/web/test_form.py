@@ -20,9 +20,9 @@ from relay import create_app
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.errors import CaptchaError, ConfigError
 from relay.mail.mx import make_resolver
+from relay.sandbox.captcha import SiteverifyStub
+from relay.sandbox.dns import DNSZoneServer
 from relay.store.outbox import Outbox
-from tests.peers.captcha import SiteverifyStub
-from tests.peers.dns import DNSZoneServer
 from tests.web.conftest import EVIL, PARTNER, queued, text_of, token, valid_form
 
 

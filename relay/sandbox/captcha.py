@@ -1,5 +1,7 @@
 """A local stand-in for hCaptcha's siteverify HTTP API (POST form: secret, response, remoteip,
 sitekey), answering as https://docs.hcaptcha.com/#verify-the-user-response-server-side does.
+Used by the tests (fixture `siteverify`) and by the benchmark (bench/peers.py serves
+`SiteverifyStub.verdict` on its own loop); `relay demo` verifies offline and needs none.
 
 The token chooses the behaviour, so one server serves every case:
 
@@ -53,7 +55,7 @@ class SiteverifyStub:
     @property
     def url(self) -> str:
         assert self._server is not None
-        host, port = self._server.server_address[:2]
+        host, port = self._server.socket.getsockname()[:2]
         return f"http://{host}:{port}/siteverify"
 
     def verdict(self, form: dict[str, str]) -> tuple[int, Any]:
