@@ -1262,57 +1262,6 @@ async def run_checks(
     return checks
 
 
-async def records_to_publish(
-    settings: Settings, *, resolver: Resolver, ip: str | None = None
-) -> tuple[list[dnsrecords.Record], list[str]]:
-    """The records for `relay dns-records`, and notes on how they were made.
-
-    The sending IP is detected when not given; an SPF record already published is merged
-    into the one to publish, since a second SPF record would break both.
-    """
-    notes: list[str] = []
-    if ip is None:
-        try:
-            ip, how = await detect_sending_ip(settings, resolver)
-        except (DNSError, OSError) as exc:
-            notes.append(f"sending IP unknown ({exc}): pass --ip to get PTR, A and SPF records")
-        else:
-            notes.append(f"sending IP {ip}: {how}; run this on the relay host, or pass --ip")
-    else:
-        ip = str(ipaddress.ip_address(ip))
-        notes.append(f"sending IP {ip} (given with --ip)")
-    if settings.smarthost:
-        notes.append(
-            f"mail leaves through the smarthost {settings.smarthost}: the PTR, A and SPF "
-            "records must name its outbound addresses, not this host's"
-        )
-    existing: list[str] = []
-    if ip is not None:
-        domain = domain_of(settings.envelope_sender)
-        texts, result = await txt_records(resolver, domain)
-        existing = [t for t in texts if dnsrecords.is_spf(t)]
-        if result.temporary:
-            notes.append(
-                f"could not read the SPF record at {domain} ({result.missing}): if one "
-                "exists, add the ip4/ip6 term below to it instead of publishing a second one"
-            )
-        elif existing:
-            notes.append(f"the SPF record below merges what {domain} publishes now")
-    records = dnsrecords.records_for(settings, ip, existing_spf=existing)
-    where, dmarc, dmarc_lookup = await find_dmarc(resolver, settings.from_domain)
-    if len(dmarc) == 1 and where == f"_dmarc.{settings.from_domain}":
-        policy = parse_tags(dmarc[0]).get("p", "?")
-        records[-1] = dnsrecords.Record(
-            dnsrecords.fqdn(where),
-            "TXT",
-            dmarc[0],
-            f"DMARC: already published (p={policy}); keep it, it is shown here for completeness",
-        )
-    elif dmarc or dmarc_lookup.temporary:
-        notes.append(f"check the DMARC record at {where} before replacing it with the one below")
-    return records, notes
-
-
 async def startup_checks(settings: Settings, resolver: Any) -> None:
     """The checks a long-running worker logs at start (every non-PASS, on relay.worker's
     log): delivery does not wait for them (relay.worker.run_worker runs them beside it)."""
