@@ -10,7 +10,7 @@ One room per concern:
 - `verdict`: `Check` and how a check's findings combine into one verdict.
 - `lookup`: DNS through the given resolver (RELAY_DNS_NAMESERVERS), also for pyspf and
   dkimpy, which are synchronous and query from a worker thread through `SyncDNS` (pyspf via
-  the `spf.DNSLookup` seam that `spf_lookups` installs, dkimpy via its `dnsfunc` argument).
+  `spf_lookups`, which patches `spf.DNSLookup` only while an evaluation needs it).
 - `domains`: the organisational domain and DMARC alignment.
 - `sending`: the sending IP (given or detected), its PTR and our HELO name.
 - `auth`: SPF, DKIM (our keys against the published ones, a probe signed and verified),

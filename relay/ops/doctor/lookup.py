@@ -3,14 +3,15 @@
 `lookup` turns a query's outcome into a `Lookup` (records, or why there are none). pyspf and
 dkimpy are synchronous, so they run in a worker thread and hand their queries back to the
 event loop through `SyncDNS`: dkimpy through its `dnsfunc` argument, pyspf, which has no
-such argument, through its module-level `spf.DNSLookup`, replaced by a dispatcher that
-reads the current context's lookup (`spf_lookups`).
+such argument, through its module-level `spf.DNSLookup`, swapped for a dispatcher only while
+an evaluation is inside `spf_lookups` and restored when the last one leaves.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,32 +129,49 @@ SPFLookup = Callable[[str, str], list[tuple[tuple[str, str], Any]]]
 _spf_lookup: contextvars.ContextVar[SPFLookup | None] = contextvars.ContextVar(
     "relay_spf_lookup", default=None
 )
-_spf_original: Callable[..., Any] | None = None
+
+
+class _SPFSeam:
+    """Who is inside `spf_lookups`, and pyspf's own DNSLookup to put back after the last."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
+        self.original: Callable[..., Any] | None = None
+
+
+_seam = _SPFSeam()
 
 
 def _spf_dispatch(name: str, qtype: str, strict: Any = True, timeout: float = 30) -> Any:
+    """pyspf's DNSLookup while the seam is in: the current context's lookup, else pyspf's
+    own (another caller of pyspf in this process, outside `spf_lookups`)."""
     lookup_fn = _spf_lookup.get()
     if lookup_fn is not None:
         return lookup_fn(name, qtype)
-    assert _spf_original is not None
-    return _spf_original(name, qtype, strict, timeout)
-
-
-def _install_spf_seam() -> None:
-    """Route pyspf's lookups through the function in `_spf_lookup` for the current context;
-    other callers of pyspf (none in this process, normally) keep its own lookup."""
-    global _spf_original  # noqa: PLW0603 - one module-level seam, installed once
-    if spf.DNSLookup is not _spf_dispatch:
-        _spf_original = spf.DNSLookup
-        spf.DNSLookup = _spf_dispatch
+    assert _seam.original is not None
+    return _seam.original(name, qtype, strict, timeout)
 
 
 @contextmanager
 def spf_lookups(lookup_fn: SPFLookup) -> Iterator[None]:
-    """pyspf's queries made in this context, inside the block, go to `lookup_fn`."""
-    _install_spf_seam()
+    """pyspf's queries made in this context, inside the block, go to `lookup_fn`.
+
+    The dispatcher is installed in `spf.DNSLookup` while at least one caller is inside (each
+    sees its own `lookup_fn`, through a context variable) and pyspf's own lookup is put back
+    when the last one leaves, so pyspf is patched only while the doctor evaluates SPF.
+    """
+    with _seam.lock:
+        if _seam.users == 0 and spf.DNSLookup is not _spf_dispatch:
+            _seam.original = spf.DNSLookup
+            spf.DNSLookup = _spf_dispatch
+        _seam.users += 1
     token = _spf_lookup.set(lookup_fn)
     try:
         yield
     finally:
         _spf_lookup.reset(token)
+        with _seam.lock:
+            _seam.users -= 1
+            if _seam.users == 0 and spf.DNSLookup is _spf_dispatch:
+                spf.DNSLookup = _seam.original
