@@ -354,8 +354,7 @@ def dns_records(ctx: click.Context, ip: str | None) -> None:
     """Print every DNS record to publish, in zone-file form, each with its reason."""
     import asyncio  # noqa: PLC0415
 
-    from relay.ops.dnsrecords import format_zone  # noqa: PLC0415
-    from relay.ops.doctor import records_to_publish  # noqa: PLC0415
+    from relay.ops.dnsrecords import format_zone, records_to_publish  # noqa: PLC0415
 
     settings = get_settings(ctx)
     records, notes = asyncio.run(records_to_publish(settings, resolver=_resolver(settings), ip=ip))

@@ -2,7 +2,8 @@
 
 Pure functions: settings and a sending IP in, records out. `relay dns-records` prints them,
 `relay dkim keygen` prints the DKIM one, and `relay doctor` quotes them as the fix when what is
-published is wrong, so the three always agree.
+published is wrong, so the three always agree. `records_to_publish`, `relay dns-records`' own,
+alone asks DNS: for the sending IP and for the SPF and DMARC records already published.
 
 Order follows the setup guide (docs/dns-setup.md): PTR and HELO first (they take longest,
 the PTR is set by the hosting provider), then SPF, DKIM and DMARC.
@@ -14,9 +15,14 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from relay.config import Settings, domain_of
+from relay.errors import DNSError
 from relay.mail.signing import dkim_txt_record, split_txt
+
+if TYPE_CHECKING:
+    from relay.mail.mx import Resolver
 
 DEFAULT_TTL = 3600
 
@@ -209,3 +215,63 @@ def _key_source(settings: Settings) -> str:
 
 def format_zone(records: Sequence[Record]) -> str:
     return "\n\n".join(record.render() for record in records) + "\n"
+
+
+# --- what to publish, given what is published -----------------------------------------------
+
+
+async def records_to_publish(
+    settings: Settings, *, resolver: Resolver, ip: str | None = None
+) -> tuple[list[Record], list[str]]:
+    """The records for `relay dns-records`, and notes on how they were made.
+
+    The sending IP is detected when not given; an SPF record already published is merged
+    into the one to publish, since a second SPF record would break both.
+    """
+    # The doctor quotes this module's records in its fixes: imported here, not at the top,
+    # so that importing either module does not need the other half-imported.
+    from relay.ops.doctor.auth import find_dmarc, parse_tags  # noqa: PLC0415
+    from relay.ops.doctor.lookup import txt_records  # noqa: PLC0415
+    from relay.ops.doctor.sending import detect_sending_ip  # noqa: PLC0415
+
+    notes: list[str] = []
+    if ip is None:
+        try:
+            ip, how = await detect_sending_ip(settings, resolver)
+        except (DNSError, OSError) as exc:
+            notes.append(f"sending IP unknown ({exc}): pass --ip to get PTR, A and SPF records")
+        else:
+            notes.append(f"sending IP {ip}: {how}; run this on the relay host, or pass --ip")
+    else:
+        ip = str(ipaddress.ip_address(ip))
+        notes.append(f"sending IP {ip} (given with --ip)")
+    if settings.smarthost:
+        notes.append(
+            f"mail leaves through the smarthost {settings.smarthost}: the PTR, A and SPF "
+            "records must name its outbound addresses, not this host's"
+        )
+    existing: list[str] = []
+    if ip is not None:
+        domain = domain_of(settings.envelope_sender)
+        texts, result = await txt_records(resolver, domain)
+        existing = [t for t in texts if is_spf(t)]
+        if result.temporary:
+            notes.append(
+                f"could not read the SPF record at {domain} ({result.missing}): if one "
+                "exists, add the ip4/ip6 term below to it instead of publishing a second one"
+            )
+        elif existing:
+            notes.append(f"the SPF record below merges what {domain} publishes now")
+    records = records_for(settings, ip, existing_spf=existing)
+    where, dmarc, dmarc_lookup = await find_dmarc(resolver, settings.from_domain)
+    if len(dmarc) == 1 and where == f"_dmarc.{settings.from_domain}":
+        policy = parse_tags(dmarc[0]).get("p", "?")
+        records[-1] = Record(
+            fqdn(where),
+            "TXT",
+            dmarc[0],
+            f"DMARC: already published (p={policy}); keep it, it is shown here for completeness",
+        )
+    elif dmarc or dmarc_lookup.temporary:
+        notes.append(f"check the DMARC record at {where} before replacing it with the one below")
+    return records, notes

@@ -3,19 +3,22 @@ break it, each with the verdict and the fix (naming the record to publish) it mu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import spf
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
-from relay.mail.mx import make_resolver
+from relay.mail.mx import Resolver, make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
 from relay.ops.doctor import (
@@ -27,6 +30,8 @@ from relay.ops.doctor import (
     organisational_domain,
     run_checks,
 )
+from relay.ops.doctor.auth import evaluate_spf
+from relay.ops.doctor.lookup import SyncDNS
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.world import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
 from relay.store.outbox import Outbox
@@ -520,6 +525,90 @@ def test_log_checks_warns_once_per_non_pass(caplog: pytest.LogCaptureFixture) ->
         'doctor.check check=spf status=FAIL summary="no SPF record at relay.test" fix="publish it"',
         'doctor.check check=dmarc status=WARN summary="policy none"',
     ]
+
+
+# --- pyspf's lookups -------------------------------------------------------------------------
+
+
+async def test_a_doctor_run_puts_pyspfs_own_lookup_back(
+    doctor_settings: Callable[..., Settings],
+) -> None:
+    original = spf.DNSLookup
+    checks = await checks_by_name(doctor_settings())
+    # relay.test exists only on the loopback server: pyspf did look up through our resolver.
+    assert checks["spf"].details["result"] == "pass", checks["spf"]
+    assert spf.DNSLookup is original
+
+
+class RendezvousDNS(SyncDNS):
+    """A SyncDNS whose first SPF lookup waits at `barrier` until the other evaluation is
+    inside pyspf too, whose later ones wait for `later` (when given), and which notes what
+    pyspf's `DNSLookup` was at each of its lookups."""
+
+    def __init__(
+        self, resolver: Resolver, barrier: threading.Barrier, later: threading.Event | None = None
+    ) -> None:
+        super().__init__(resolver, asyncio.get_running_loop(), timeout=10)
+        self.barrier = barrier
+        self.later = later
+        self.waited = False
+        self.seen: list[object] = []
+
+    def spf_lookup(self, name: str, qtype: str) -> list[tuple[tuple[str, str], object]]:
+        if not self.seen:
+            self.barrier.wait(timeout=10)
+        elif self.later is not None:
+            self.waited = self.later.wait(timeout=10)
+        self.seen.append(spf.DNSLookup)
+        return super().spf_lookup(name, qtype)
+
+
+async def test_concurrent_spf_evaluations_each_use_their_own_lookup(
+    make_settings: Callable[..., Settings], dns_server: DNSZoneServer
+) -> None:
+    """Two evaluations inside pyspf at once, each against its own DNS server: each gets its
+    own server's answers, the one still inside keeps them after the other has left, and
+    pyspf's own lookup is back once both have."""
+    original = spf.DNSLookup
+    dns_server.add(txt_record(f"{FROM_DOMAIN}.", f"v=spf1 ip4:{SENDING_IP} -all"))
+    refusing_zone = "\n".join(
+        [
+            txt_record(f"{FROM_DOMAIN}.", f"v=spf1 include:spf.{FROM_DOMAIN} -all"),
+            txt_record(f"spf.{FROM_DOMAIN}.", "v=spf1 -all"),
+        ]
+    )
+    with DNSZoneServer(refusing_zone) as other:
+        barrier = threading.Barrier(2)
+        first_left = threading.Event()
+        allows = RendezvousDNS(
+            make_resolver(make_settings(RELAY_DNS_NAMESERVERS=dns_server.address)), barrier
+        )
+        refuses = RendezvousDNS(
+            make_resolver(make_settings(RELAY_DNS_NAMESERVERS=other.address)), barrier, first_left
+        )
+
+        async def evaluate(sync_dns: SyncDNS) -> tuple[str, str]:
+            return await asyncio.to_thread(
+                evaluate_spf,
+                sync_dns,
+                ip=SENDING_IP,
+                sender=f"form@{FROM_DOMAIN}",
+                helo=f"mail.{FROM_DOMAIN}",
+            )
+
+        async def first() -> tuple[str, str]:
+            try:
+                return await evaluate(allows)
+            finally:
+                first_left.set()
+
+        results = await asyncio.gather(first(), evaluate(refuses))
+    assert [verdict for verdict, _ in results] == ["pass", "fail"], results
+    # The include was looked up after the first evaluation had left pyspf, still through ours.
+    assert refuses.waited
+    assert len(refuses.seen) == 2
+    assert all(seen is not original for seen in [*allows.seen, *refuses.seen])
+    assert spf.DNSLookup is original
 
 
 # --- pure helpers ---------------------------------------------------------------------------
