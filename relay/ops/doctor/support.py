@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, domain_of
+from relay.config import Settings, domain_of, hcaptcha_test_keys
 from relay.mail.mx import Resolver
 from relay.ops.doctor.lookup import addresses_of, lookup
 from relay.ops.doctor.verdict import Check, Finding, Status, combine, lookup_failed
@@ -157,21 +157,13 @@ def check_support_helpdesk(settings: Settings) -> Check:
 
 def check_hcaptcha(settings: Settings) -> Check:
     """Receiver checklist row 5: a real CAPTCHA, not the published always-pass test keys."""
-    secret = settings.hcaptcha_secret.get_secret_value() if settings.hcaptcha_secret else None
-    test_keys = [
-        var
-        for var, is_test in (
-            ("RELAY_HCAPTCHA_SITEKEY", settings.hcaptcha_sitekey == HCAPTCHA_TEST_SITEKEY),
-            ("RELAY_HCAPTCHA_SECRET", secret == HCAPTCHA_TEST_SECRET),
-        )
-        if is_test
-    ]
+    test_keys = hcaptcha_test_keys(settings)
     fix = (
         "create a site at dashboard.hcaptcha.com and set RELAY_HCAPTCHA_SITEKEY and "
         "RELAY_HCAPTCHA_SECRET to its keys"
     )
     status: Status = "WARN" if settings.is_development else "FAIL"
-    if not settings.hcaptcha_sitekey or secret is None:
+    if not settings.hcaptcha_sitekey or settings.hcaptcha_secret is None:
         return Check("hcaptcha", status, "no hCaptcha keys: the form is not protected", fix)
     if test_keys:
         where = f" (allowed only because RELAY_ENV={settings.env})" if status == "WARN" else ""
