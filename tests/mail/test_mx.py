@@ -1,4 +1,8 @@
-"""MX resolution against a real DNS server on loopback (tests/peers/dns.py)."""
+"""MX resolution against a real DNS server on loopback (tests/peers/dns.py).
+
+Every case runs on both query paths (`path`): dnswire's lean one and dnspython's own
+`Resolver.resolve` (make_resolver(..., lean=False)).
+"""
 
 from __future__ import annotations
 
@@ -9,29 +13,48 @@ import pytest
 
 from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
+from relay.mail import dnswire
 from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
 from tests.peers.dns import DNSZoneServer
 
 
-@pytest.fixture
-def resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
-    return make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
+@pytest.fixture(params=["lean", "plain"])
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def fast_resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
+def resolver(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, path: str
+) -> Resolver:
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address)
+    return make_resolver(settings, lean=path == "lean")
+
+
+@pytest.fixture
+def fast_resolver(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, path: str
+) -> Resolver:
     """A resolver that gives up after half a second, for the timeout cases."""
-    return make_resolver(
-        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="0.5")
-    )
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="0.5")
+    return make_resolver(settings, lean=path == "lean")
 
 
+async def test_each_path_is_the_one_asked_for(
+    resolver: Resolver, fast_resolver: Resolver, path: str
+) -> None:
+    assert dnswire.applies(resolver) is (path == "lean")
+    assert dnswire.applies(fast_resolver) is (path == "lean")
+
+
+@pytest.mark.parametrize("lean", [True, False])
 def test_make_resolver_uses_the_configured_nameserver_and_port(
-    make_settings: Callable[..., Settings], world_dns: DNSZoneServer
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, lean: bool
 ) -> None:
     resolver = make_resolver(
-        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="3")
+        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="3"), lean=lean
     )
+    assert (type(resolver) is Resolver) is lean
     [nameserver] = resolver.nameservers
     assert not isinstance(nameserver, str)
     assert str(nameserver) == f"Do53:{world_dns.host}@{world_dns.port}"
