@@ -26,6 +26,7 @@ installed dnspython exactly (the same answers, at less CPU per delivery), and dn
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -264,6 +265,45 @@ async def domain_accepts_mail(domain: str, resolver: Resolver) -> bool | None:
 
 
 # --- the web form's check, blocking ------------------------------------------------------------
+
+# BaseResolver's public configuration, all that its reset() sets but nameservers (set last,
+# through its checking setter).
+_CONFIGURATION = (
+    "domain",
+    "nameserver_ports",
+    "port",
+    "search",
+    "use_search_by_default",
+    "timeout",
+    "lifetime",
+    "keyring",
+    "keyname",
+    "keyalgorithm",
+    "edns",
+    "ednsflags",
+    "ednsoptions",
+    "payload",
+    "cache",
+    "flags",
+    "retry_servfail",
+    "rotate",
+    "ndots",
+)
+
+
+def blocking_resolver(resolver: dns.resolver.BaseResolver) -> dns.resolver.Resolver:
+    """A blocking resolver configured as `resolver` (nameservers and their ports, timeouts,
+    cache, search, EDNS, TSIG...), which may be make_resolver's async one; a blocking one is
+    returned as is. Only that public configuration is copied (lists and dicts as copies, the
+    cache shared), never dnspython's private state."""
+    if isinstance(resolver, dns.resolver.Resolver):
+        return resolver
+    blocking = dns.resolver.Resolver(configure=False)
+    for name in _CONFIGURATION:
+        value = getattr(resolver, name)
+        setattr(blocking, name, copy.copy(value) if isinstance(value, list | dict) else value)
+    blocking.nameservers = list(resolver.nameservers)
+    return blocking
 
 
 def _ask_blocking(
