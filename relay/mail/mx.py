@@ -18,40 +18,38 @@ Decisions, in order:
 - Addresses of one MX host are tried IPv4 first, then IPv6: the receiver checklist asks for
   a PTR on every sending address, which IPv6 deployments miss most often.
 
-Queries run dnspython's resolution with a UDP exchange and a reader of plain replies of their
-own (`_resolve_lean`): the same answers, at less than half the CPU per delivery.
+Queries on make_resolver's resolvers take relay.mail.dnswire's lean path where it mirrors the
+installed dnspython exactly (the same answers, at less CPU per delivery), and dnspython's own
+`Resolver.resolve` otherwise; `PlainResolver` always takes dnspython's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import copy
 import random
-import socket
-import struct
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
-import dns.inet
-import dns.ipv4
-import dns.ipv6
-import dns.message
 import dns.name
 import dns.nameserver
-import dns.rdataclass
-import dns.rdatatype
 import dns.resolver
-import dns.version
 
 from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
+from relay.mail import dnswire
 
 Resolver = dns.asyncresolver.Resolver
+
+
+class PlainResolver(Resolver):
+    """An async resolver whose every query goes to dnspython's own `Resolver.resolve`, since
+    dnswire's lean path takes only dnspython's Resolver itself: the plain path, which the tests
+    run beside the lean one (make_resolver(..., lean=False))."""
+
 
 # Per-server try inside one lookup; the whole lookup is bounded by settings.dns_timeout.
 _PER_SERVER_TIMEOUT = 2.0
@@ -72,18 +70,20 @@ class _Lookup(Enum):
     TEMPORARY = "temporary failure"
 
 
-def make_resolver(settings: Settings) -> Resolver:
-    """An async resolver for RELAY_DNS_NAMESERVERS, or the system's when that is empty.
+def make_resolver(settings: Settings, *, lean: bool = True) -> Resolver:
+    """An async resolver for RELAY_DNS_NAMESERVERS, or the system's when that is empty; a
+    PlainResolver when not `lean`.
 
     Raises dns.resolver.NoResolverConfiguration when the system has no resolver configured.
     """
+    kind = Resolver if lean else PlainResolver
     if settings.dns_nameservers:
-        resolver = Resolver(configure=False)
+        resolver = kind(configure=False)
         resolver.nameservers = [
             dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in settings.dns_nameservers
         ]
     else:
-        resolver = Resolver(configure=True)
+        resolver = kind(configure=True)
     resolver.cache = None
     resolver.lifetime = settings.dns_timeout
     resolver.timeout = min(_PER_SERVER_TIMEOUT, settings.dns_timeout)
@@ -119,23 +119,25 @@ async def _ask(
 ) -> tuple[list[str], _Lookup | None, str]:
     """Run one query: (records as text, None, "") or ([], how it failed, why)."""
     try:
-        if _lean_applies(resolver):
-            texts = await _resolve_lean(resolver, name, dns.rdatatype.from_text(rdtype))
-            if not texts:
-                return [], *_no_records(rdtype)
-            return texts, None, ""
-        answer = await resolver.resolve(name, rdtype, search=False)
+        texts = await _texts(resolver, name, rdtype)
     except dns.exception.DNSException as exc:
         return [], *_failure(exc, rdtype)
-    return [rdata.to_text() for rdata in answer], None, ""
+    return (texts, None, "") if texts else ([], *_no_records(rdtype))
+
+
+async def _texts(resolver: Resolver, name: dns.name.Name, rdtype: str) -> list[str]:
+    """The records of one query as text, [] for none: by dnswire's lean path where it answers
+    exactly as dnspython would, by dnspython's `Resolver.resolve` otherwise."""
+    if dnswire.applies(resolver):
+        return await dnswire.resolve_texts(resolver, name, rdtype)
+    answer = await resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+    return [rdata.to_text() for rdata in answer]
 
 
 def _failure(exc: dns.exception.DNSException, rdtype: str) -> tuple[_Lookup, str]:
     """How a query failed, and why in words for the log."""
     if isinstance(exc, dns.resolver.NXDOMAIN):
         return _Lookup.NXDOMAIN, f"{rdtype}: NXDOMAIN"
-    if isinstance(exc, dns.resolver.NoAnswer):
-        return _no_records(rdtype)
     if isinstance(exc, dns.resolver.NoNameservers):
         return _Lookup.TEMPORARY, f"{rdtype}: no nameserver answered (SERVFAIL?): {exc}"
     if isinstance(exc, dns.exception.Timeout):
@@ -262,300 +264,46 @@ async def domain_accepts_mail(domain: str, resolver: Resolver) -> bool | None:
     return None if how is _Lookup.TEMPORARY else False
 
 
-# --- the lean query path -----------------------------------------------------------------------
-#
-# Resolver.resolve spent most of a query's CPU away from the network: an asyncio datagram
-# transport built and closed per query, the query rendered by to_wire, the reply parsed into
-# rdata objects and an Answer. _resolve_lean runs the same resolution, dnspython's own
-# _Resolution (nameserver order, retries and backoff, SERVFAIL, NXDOMAIN, NoAnswer, TCP after a
-# truncated reply, the lifetime), with a bare socket per query, and reads a plain reply straight
-# from the wire; every other reply is read by dnspython as before. It follows Resolver.resolve's
-# loop and private helpers, so it runs only on the dnspython release it was checked against
-# (2.9.x); any other release takes Resolver.resolve. tests/test_mx_lean.py compares the two.
-
-_LEAN_DNSPYTHON = (dns.version.MAJOR, dns.version.MINOR) == (2, 9)
-
-_HEADER = struct.Struct("!HHHHHH")
-_RR = struct.Struct("!HHIH")
-_PREFERENCE = struct.Struct("!H")
-# QR, opcode, TC and rcode of a reply: a response to a QUERY, not truncated, NOERROR.
-_REPLY_MASK, _REPLY_PLAIN = 0xFA0F, 0x8000
-_OPCODE_MASK = 0x7800
-_QUESTION_POINTER = b"\xc0\x0c"  # a compressed name pointing at the question's name
-_IN = dns.rdataclass.IN
-_A, _AAAA, _MX = dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.MX
-_NS, _SOA = dns.rdatatype.NS, dns.rdatatype.SOA
-_SOA_NUMBERS = 20  # serial, refresh, retry, expire, minimum
-
-# (address family, sendto address, the address packed) of a nameserver.
-_Destination = tuple[int, tuple[str | int, ...], bytes]
-
-
-def _lean_applies(resolver: Resolver) -> bool:
-    """Whether _resolve_lean answers as resolver.resolve would: dnspython's own async resolver
-    without a cache, on an asyncio selector loop (the worker's and the tests')."""
-    if not _LEAN_DNSPYTHON or type(resolver) is not Resolver or resolver.cache is not None:
-        return False
-    try:
-        return isinstance(asyncio.get_running_loop(), asyncio.SelectorEventLoop)
-    except RuntimeError:
-        return False
-
-
-async def _resolve_lean(
-    resolver: Resolver, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
-) -> list[str]:
-    """resolver.resolve(name, rdtype, search=False) as the records' texts, [] for NoAnswer.
-
-    Raises what resolve raises otherwise (NXDOMAIN, NoNameservers, LifetimeTimeout...).
-    """
-    resolution = dns.resolver._Resolution(resolver, name, rdtype, _IN, False, True, False)
-    start = time.time()
-    while True:
-        request, answer = resolution.next_request()
-        if answer is not None:
-            return [rdata.to_text() for rdata in answer]
-        assert request is not None
-        done = False
-        while not done:
-            nameserver, tcp, backoff = resolution.next_nameserver()
-            if backoff:
-                await asyncio.sleep(backoff)
-            request.set_random_id()  # type: ignore[no-untyped-call]
-            timeout = resolver._compute_timeout(start, None, resolution.errors)
-            try:
-                destination = (
-                    _udp_destination(nameserver.address, nameserver.port)
-                    if not tcp and type(nameserver) is dns.nameserver.Do53Nameserver
-                    else None
-                )
-                if destination is None:
-                    response: dns.message.Message | list[str] = await nameserver.async_query(
-                        request,
-                        timeout=timeout,
-                        source=None,
-                        source_port=0,
-                        max_size=tcp,
-                        backend=dns.asyncbackend.get_default_backend(),
-                    )
-                else:
-                    response = await _udp_query(request, destination, timeout)
-            except Exception as exc:
-                _, done = resolution.query_result(None, exc)
-                continue
-            if isinstance(response, list):
-                return response
-            answer, done = resolution.query_result(response, None)
-            if answer is not None:
-                return [rdata.to_text() for rdata in answer]
-
-
-@functools.lru_cache(maxsize=64)
-def _udp_destination(address: str, port: int) -> _Destination | None:
-    """Where to send a nameserver's queries and how to recognise its replies; None sends them
-    the way dnspython does (a multicast address, or one it cannot pack)."""
-    family = dns.inet.af_for_address(address)
-    if dns.inet.is_multicast(address):
-        return None
-    destination = dns.inet.low_level_address_tuple((address, port), family)
-    try:
-        return family, destination, dns.inet.inet_pton(family, destination[0])
-    except dns.exception.SyntaxError:
-        return None
-
-
-async def _udp_query(
-    request: dns.message.QueryMessage, where: _Destination, timeout: float
-) -> dns.message.Message | list[str]:
-    """Do53Nameserver.async_query over UDP, on a bare non-blocking socket.
-
-    As dnspython does: a new socket (so a new source port) for each query; a datagram from
-    another address, with another id or question, or that does not parse is ignored and the
-    wait goes on; a truncated reply raises Truncated (the resolution retries over TCP).
-    A plain reply comes back as its records' texts ([] when there are none).
-    """
-    family, destination, packed = where
-    wire, plain = _query_wire(request)
-    qname = request.question[0].name
-    loop = asyncio.get_running_loop()
-    begin = time.time()
-    reply: asyncio.Future[dns.message.Message | list[str]] = loop.create_future()
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-
-        def readable() -> None:
-            while not reply.done():
-                try:
-                    data, source = sock.recvfrom(65535)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as exc:
-                    reply.set_exception(exc)
-                    return
-                try:
-                    if dns.inet.inet_pton(family, source[0]) != packed:
-                        continue
-                except dns.exception.SyntaxError:
-                    continue
-                if source[1:] != destination[1:]:
-                    continue
-                texts = _read_plain(data, wire, qname) if plain else None
-                if texts is not None:
-                    reply.set_result(texts)
-                    return
-                received = time.time()
-                try:
-                    message = dns.message.from_wire(
-                        data,
-                        keyring=request.keyring,
-                        request_mac=request.mac,
-                        raise_on_truncation=True,
-                    )
-                except dns.message.Truncated as exc:
-                    if request.is_response(exc.message()):  # type: ignore[no-untyped-call]
-                        reply.set_exception(exc)
-                        return
-                    continue
-                except Exception:  # noqa: S112 - dnspython ignores it too
-                    continue
-                if request.is_response(message):
-                    message.time = received - begin
-                    reply.set_result(message)
-
-        try:
-            async with asyncio.timeout(timeout):
-                await loop.sock_sendto(sock, wire, destination)
-                loop.add_reader(sock.fileno(), readable)
-                return await reply
-        except TimeoutError:
-            raise dns.exception.Timeout(timeout=timeout) from None  # type: ignore[no-untyped-call]
-        finally:
-            loop.remove_reader(sock.fileno())
-
-
-def _query_wire(request: dns.message.QueryMessage) -> tuple[bytes, bool]:
-    """The query as sent, and whether _read_plain may read its reply.
-
-    A plain query (one A, AAAA or MX question of class IN, opcode QUERY, no EDNS, no TSIG,
-    nothing else) is packed here, byte for byte what to_wire renders; any other by to_wire.
-    """
-    if (
-        len(request.question) != 1
-        or request.answer
-        or request.authority
-        or request.additional
-        or request.edns >= 0
-        or request.keyring is not None
-        or request.flags & _OPCODE_MASK
-    ):
-        return request.to_wire(), False
-    question = request.question[0]
-    if question.rdclass != _IN or question.rdtype not in (_A, _AAAA, _MX):
-        return request.to_wire(), False
-    qname = question.name.to_wire()
-    assert qname is not None
-    header = _HEADER.pack(request.id, request.flags, 1, 0, 0, 0)
-    return header + qname + struct.pack("!HH", question.rdtype, _IN), True
-
-
-def _read_plain(data: bytes, query: bytes, qname: dns.name.Name) -> list[str] | None:
-    """The records of a plain reply to `query`, [] when it has none; None when dnspython must read
-    the reply because it is anything else.
-
-    Plain: the id and question of the query, NOERROR, not truncated; an answer section holding
-    only records of the asked name and type; an authority section of NS and SOA records and an
-    additional section of A and AAAA records (none with EDNS or TSIG), every record well formed
-    by dnspython's rules and nothing after them. Records that dnspython holds equal (the same
-    address, the same preference and exchange in any case) are kept once, the first in place.
-    """
-    end = len(query)
-    if len(data) < end or data[:2] != query[:2]:
-        return None
-    _, flags, questions, answers, authorities, additionals = _HEADER.unpack_from(data)
-    if flags & _REPLY_MASK != _REPLY_PLAIN or questions != 1:
-        return None
-    if data[12 : end - 4].lower() != query[12 : end - 4].lower():
-        return None
-    if data[end - 4 : end] != query[end - 4 : end]:
-        return None
-    rdtype = int.from_bytes(query[end - 4 : end - 2], "big")
-    texts: list[str] = []
-    seen: set[object] = set()
-    position = end
-    try:
-        for _ in range(answers):
-            if data[position : position + 2] == _QUESTION_POINTER:
-                position += 2
-            else:
-                owner, used = dns.name.from_wire(data, position)
-                if owner != qname:
-                    return None
-                position += used
-            rtype, rclass, _, length = _RR.unpack_from(data, position)
-            position += _RR.size
-            stop = position + length
-            if rtype != rdtype or rclass != _IN or stop > len(data):
-                return None
-            record = _plain_record(data, position, stop, rtype)
-            if record is None:
-                return None
-            key, text = record
-            if key not in seen:
-                seen.add(key)
-                texts.append(text)
-            position = stop
-        for count, allowed in ((authorities, (_NS, _SOA)), (additionals, (_A, _AAAA))):
-            for _ in range(count):
-                _, used = dns.name.from_wire(data, position)
-                position += used
-                rtype, rclass, _, length = _RR.unpack_from(data, position)
-                position += _RR.size
-                stop = position + length
-                if rtype not in allowed or rclass != _IN or stop > len(data):
-                    return None
-                if _plain_record(data, position, stop, rtype) is None:
-                    return None
-                position = stop
-    except (dns.exception.DNSException, struct.error):
-        return None
-    return texts if position == len(data) else None
-
-
-def _plain_record(data: bytes, start: int, stop: int, rtype: int) -> tuple[object, str] | None:
-    """(what makes the record equal to another, its text) of one A, AAAA, MX, NS or SOA record
-    whose rdata is data[start:stop]; None when dnspython would reject it. The text is only made
-    for the types an answer holds."""
-    if rtype == _A:
-        if stop - start != 4:
-            return None
-        address = data[start:stop]
-        return address, dns.ipv4.inet_ntoa(address)
-    if rtype == _AAAA:
-        if stop - start != 16:
-            return None
-        address = data[start:stop]
-        return address, dns.ipv6.inet_ntoa(address)
-    if rtype == _MX:
-        if stop - start < 3:
-            return None
-        (preference,) = _PREFERENCE.unpack_from(data, start)
-        exchange, used = dns.name.from_wire(data, start + 2)
-        if start + 2 + used != stop:
-            return None
-        return (preference, exchange.canonicalize()), f"{preference} {exchange}"
-    if rtype == _NS:
-        _, used = dns.name.from_wire(data, start)
-        return (None, "") if start + used == stop else None
-    if rtype == _SOA:
-        _, used = dns.name.from_wire(data, start)
-        position = start + used
-        _, used = dns.name.from_wire(data, position)
-        position += used
-        return (None, "") if position + _SOA_NUMBERS == stop else None
-    return None
-
-
 # --- the web form's check, blocking ------------------------------------------------------------
+
+# BaseResolver's public configuration, all that its reset() sets but nameservers (set last,
+# through its checking setter).
+_CONFIGURATION = (
+    "domain",
+    "nameserver_ports",
+    "port",
+    "search",
+    "use_search_by_default",
+    "timeout",
+    "lifetime",
+    "keyring",
+    "keyname",
+    "keyalgorithm",
+    "edns",
+    "ednsflags",
+    "ednsoptions",
+    "payload",
+    "cache",
+    "flags",
+    "retry_servfail",
+    "rotate",
+    "ndots",
+)
+
+
+def blocking_resolver(resolver: dns.resolver.BaseResolver) -> dns.resolver.Resolver:
+    """A blocking resolver configured as `resolver` (nameservers and their ports, timeouts,
+    cache, search, EDNS, TSIG...), which may be make_resolver's async one; a blocking one is
+    returned as is. Only that public configuration is copied (lists and dicts as copies, the
+    cache shared), never dnspython's private state."""
+    if isinstance(resolver, dns.resolver.Resolver):
+        return resolver
+    blocking = dns.resolver.Resolver(configure=False)
+    for name in _CONFIGURATION:
+        value = getattr(resolver, name)
+        setattr(blocking, name, copy.copy(value) if isinstance(value, list | dict) else value)
+    blocking.nameservers = list(resolver.nameservers)
+    return blocking
 
 
 def _ask_blocking(
@@ -563,10 +311,11 @@ def _ask_blocking(
 ) -> tuple[list[str], _Lookup | None, str]:
     """_ask for a blocking resolver (same outcomes)."""
     try:
-        answer = resolver.resolve(name, rdtype, search=False)
+        answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
     except dns.exception.DNSException as exc:
         return [], *_failure(exc, rdtype)
-    return [rdata.to_text() for rdata in answer], None, ""
+    texts = [rdata.to_text() for rdata in answer]
+    return (texts, None, "") if texts else ([], *_no_records(rdtype))
 
 
 def domain_accepts_mail_blocking(domain: str, resolver: dns.resolver.Resolver) -> bool | None:

@@ -231,9 +231,4 @@ def blocking_resolver(resolver: dns.resolver.BaseResolver) -> dns.resolver.Resol
     """A blocking resolver with the same configuration (nameservers, ports, timeouts, no
     cache) as `resolver`, which may be relay.mx's async one; a blocking one is kept as is.
     create_app converts once; building one costs a few µs."""
-    if isinstance(resolver, dns.resolver.Resolver):
-        return resolver
-    blocking = dns.resolver.Resolver(configure=False)
-    # Every setting is an instance attribute of BaseResolver, which both classes share.
-    vars(blocking).update(vars(resolver))
-    return blocking
+    return mx.blocking_resolver(resolver)

@@ -1,37 +1,72 @@
-"""MX resolution against a real DNS server on loopback (relay.sandbox.dns)."""
+"""MX resolution against a real DNS server on loopback (relay.sandbox.dns).
+
+Every case runs on both query paths (`path`): dnswire's lean one and dnspython's own
+`Resolver.resolve` (make_resolver(..., lean=False)).
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
 
+import dns.exception
+import dns.name
+import dns.resolver
 import pytest
 
 from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
-from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, make_resolver, order_mx, resolve_mx
+from relay.mail import dnswire, mx
+from relay.mail.mx import (
+    MXHost,
+    Resolver,
+    blocking_resolver,
+    domain_accepts_mail,
+    domain_accepts_mail_blocking,
+    make_resolver,
+    order_mx,
+    resolve_mx,
+)
 from relay.sandbox.dns import DNSZoneServer
 
 
-@pytest.fixture
-def resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
-    return make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
+@pytest.fixture(params=["lean", "plain"])
+def path(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 @pytest.fixture
-def fast_resolver(make_settings: Callable[..., Settings], world_dns: DNSZoneServer) -> Resolver:
+def resolver(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, path: str
+) -> Resolver:
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address)
+    return make_resolver(settings, lean=path == "lean")
+
+
+@pytest.fixture
+def fast_resolver(
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, path: str
+) -> Resolver:
     """A resolver that gives up after half a second, for the timeout cases."""
-    return make_resolver(
-        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="0.5")
-    )
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="0.5")
+    return make_resolver(settings, lean=path == "lean")
 
 
+async def test_each_path_is_the_one_asked_for(
+    resolver: Resolver, fast_resolver: Resolver, path: str
+) -> None:
+    assert dnswire.applies(resolver) is (path == "lean")
+    assert dnswire.applies(fast_resolver) is (path == "lean")
+
+
+@pytest.mark.parametrize("lean", [True, False])
 def test_make_resolver_uses_the_configured_nameserver_and_port(
-    make_settings: Callable[..., Settings], world_dns: DNSZoneServer
+    make_settings: Callable[..., Settings], world_dns: DNSZoneServer, lean: bool
 ) -> None:
     resolver = make_resolver(
-        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="3")
+        make_settings(RELAY_DNS_NAMESERVERS=world_dns.address, RELAY_DNS_TIMEOUT="3"), lean=lean
     )
+    assert (type(resolver) is Resolver) is lean
     [nameserver] = resolver.nameservers
     assert not isinstance(nameserver, str)
     assert str(nameserver) == f"Do53:{world_dns.host}@{world_dns.port}"
@@ -224,3 +259,80 @@ async def test_domain_accepts_mail_unknown(
 ) -> None:
     world_dns.fail(["visitor.test"], how=how)
     assert await domain_accepts_mail("visitor.test", fast_resolver) is None
+
+
+# --- the blocking copy for the web form --------------------------------------------------------
+
+# (name, type) pairs that answer, answer nothing and do not exist in world_dns.
+QUERIES = [
+    ("support.test", "MX"),
+    ("mx1.support.test", "A"),
+    ("example.test", "MX"),
+    ("noaddress.test", "A"),
+    ("missing.test", "MX"),
+]
+Outcome = list[str] | tuple[str, str]
+
+
+async def async_texts(resolver: Resolver, name: str, rdtype: str) -> Outcome:
+    """The records as text ([] for none), or the exception's type and text."""
+    try:
+        answer = await resolver.resolve(name, rdtype, raise_on_no_answer=False)
+    except dns.exception.DNSException as exc:
+        return type(exc).__name__, str(exc)
+    return [rdata.to_text() for rdata in answer]
+
+
+def blocking_texts(resolver: dns.resolver.Resolver, name: str, rdtype: str) -> Outcome:
+    """async_texts for a blocking resolver."""
+    try:
+        answer = resolver.resolve(name, rdtype, raise_on_no_answer=False)
+    except dns.exception.DNSException as exc:
+        return type(exc).__name__, str(exc)
+    return [rdata.to_text() for rdata in answer]
+
+
+async def test_a_blocking_copy_answers_as_the_async_resolver(
+    resolver: Resolver, world_dns: DNSZoneServer
+) -> None:
+    blocking = blocking_resolver(resolver)
+    assert isinstance(blocking, dns.resolver.Resolver)
+    assert [str(ns) for ns in blocking.nameservers] == [f"Do53:{world_dns.host}@{world_dns.port}"]
+    outcomes = [await async_texts(resolver, name, rdtype) for name, rdtype in QUERIES]
+    assert [blocking_texts(blocking, name, rdtype) for name, rdtype in QUERIES] == outcomes
+    assert outcomes[:4] == [["10 mx1.support.test."], ["127.0.0.2"], [], []]
+    assert outcomes[4][0] == "NXDOMAIN"
+    for domain in ("visitor.test", "example.test", "nullmx.test", "missing.test"):
+        expected = await domain_accepts_mail(domain, resolver)
+        assert domain_accepts_mail_blocking(domain, blocking) is expected
+    assert blocking_resolver(blocking) is blocking
+
+
+async def test_a_blocking_copy_keeps_ports_search_and_limits(world_dns: DNSZoneServer) -> None:
+    """The configuration is copied, not shared: the port of a nameserver given as an address,
+    the search list a relative name is tried in, the timeouts."""
+    resolver = Resolver(configure=False)
+    resolver.port = 9  # where nothing listens: the nameserver's own port must be used
+    resolver.nameserver_ports = {world_dns.host: world_dns.port}
+    resolver.nameservers = [world_dns.host]
+    resolver.search = [dns.name.from_text("support.test")]
+    resolver.use_search_by_default = True
+    resolver.cache = None
+    resolver.lifetime, resolver.timeout = 1.5, 0.5
+    resolver.retry_servfail = True
+    blocking = blocking_resolver(resolver)
+    for name in mx._CONFIGURATION:
+        assert getattr(blocking, name) == getattr(resolver, name), name
+    assert blocking.nameservers == resolver.nameservers
+    assert await async_texts(resolver, "mx1", "A") == ["127.0.0.2"]
+    assert blocking_texts(blocking, "mx1", "A") == ["127.0.0.2"]
+    blocking.search.append(dns.name.from_text("elsewhere.test"))
+    blocking.nameserver_ports["127.0.0.9"] = 53
+    assert resolver.search == [dns.name.from_text("support.test")]
+    assert resolver.nameserver_ports == {world_dns.host: world_dns.port}
+
+
+def test_the_copy_covers_every_public_setting_of_a_resolver() -> None:
+    """A setting dnspython adds to BaseResolver must be read and copied by blocking_resolver."""
+    public = {n for n in dns.resolver.BaseResolver.__annotations__ if not n.startswith("_")}
+    assert set(mx._CONFIGURATION) == public

@@ -1,25 +1,29 @@
-"""relay.mx's own query path (`_resolve_lean`) against real DNS peers on loopback.
+"""The lean query path (relay/mail/dnswire.py) against real DNS peers on loopback.
 
-mx.py runs dnspython's resolution (`_Resolution`) with its own UDP exchange and a reader for
-plain replies. Each case here makes the same lookup twice, through mx.py's path and through
-dnspython's `Resolver.resolve` (a Resolver subclass, which mx.py leaves to dnspython), against
+dnswire runs dnspython's resolution (`_Resolution`) with its own UDP exchange and a reader for
+plain replies. Each case here makes the same lookup twice, through the lean path and through
+dnspython's `Resolver.resolve` (mx.PlainResolver, the seam that takes the plain path), against
 the same scripted replies, and asserts the same outcome down to the error's reason, as well as
 the outcome itself. The replies cover what the reader takes (plain answers, no records) and what
 it must leave to dnspython (CNAMEs, NXDOMAIN, SERVFAIL, truncation, EDNS, malformed datagrams
-and datagrams from elsewhere, which both must ignore).
+and datagrams from elsewhere, which both must ignore). The guard is tested at the end: the
+installed dnspython must hash to a digest dnswire was read against, and any other takes the
+plain path.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import selectors
 import socket
 import struct
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from importlib.metadata import version
 from typing import Any
 
-import dns.asyncresolver
+import dns.exception
 import dns.flags
 import dns.message
 import dns.name
@@ -28,11 +32,21 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.resolver
+import dns.version
 import pytest
+from packaging.version import Version
 
 from relay.errors import DNSError
-from relay.mail import mx
-from relay.mail.mx import MXHost, Resolver, domain_accepts_mail, resolve_addresses, resolve_mx
+from relay.mail import dnswire, mx
+from relay.mail.mx import (
+    MXHost,
+    PlainResolver,
+    Resolver,
+    domain_accepts_mail,
+    resolve_addresses,
+    resolve_mx,
+)
 from relay.sandbox.dns import DNSZoneServer
 
 # A reply and the socket it leaves from: "main" (the one the query went to), "other-port" (the
@@ -41,10 +55,6 @@ Datagram = tuple[bytes, str]
 Script = Callable[[dns.message.Message, bool], list[Datagram]]
 
 BOGUS = "127.6.6.6"  # what a datagram that must be ignored carries
-
-
-class DnspythonResolver(dns.asyncresolver.Resolver):
-    """dnspython's own resolution: mx.py leaves a Resolver subclass to Resolver.resolve."""
 
 
 class ScriptedDNS:
@@ -428,9 +438,9 @@ def scripted() -> Iterator[ScriptedDNS]:
 
 
 def resolvers(*servers: str, lifetime: float = 2.0, timeout: float = 2.0) -> tuple[Any, Any]:
-    """(mx.py's resolver, dnspython's) for the same nameservers."""
+    """(a resolver on the lean path, one on dnspython's) for the same nameservers."""
     pair = []
-    for cls in (Resolver, DnspythonResolver):
+    for cls in (Resolver, PlainResolver):
         resolver = cls(configure=False)
         resolver.nameservers = [
             dns.nameserver.Do53Nameserver(host, int(port))
@@ -443,6 +453,15 @@ def resolvers(*servers: str, lifetime: float = 2.0, timeout: float = 2.0) -> tup
     return pair[0], pair[1]
 
 
+def one_of(path: str, *servers: str, **times: float) -> Resolver:
+    """The resolver of `path` ("lean" or "plain") from resolvers()."""
+    lean, plain = resolvers(*servers, **times)
+    return lean if path == "lean" else plain
+
+
+PATHS = pytest.mark.parametrize("path", ["lean", "plain"])
+
+
 async def outcome(call: Awaitable[Any]) -> tuple[str, Any]:
     try:
         return "ok", await call
@@ -453,7 +472,7 @@ async def outcome(call: Awaitable[Any]) -> tuple[str, Any]:
 async def both(
     lookup: Callable[[Any], Awaitable[Any]], lean: Resolver, reference: Resolver
 ) -> tuple[str, Any]:
-    """The lookup's outcome with mx.py's path, asserted equal to dnspython's."""
+    """The lookup's outcome with the lean path, asserted equal to dnspython's."""
     mine = await outcome(lookup(lean))
     theirs = await outcome(lookup(reference))
     assert mine == theirs
@@ -512,9 +531,10 @@ async def test_addresses_as_dnspython_finds_them(
     assert BOGUS not in str(got)
 
 
-async def test_truncated_reply_is_asked_again_over_tcp(scripted: ScriptedDNS) -> None:
-    lean, _ = resolvers(scripted.address)
-    assert await resolve_addresses("truncated.lean.test", lean) == ("127.0.0.41",)
+@PATHS
+async def test_truncated_reply_is_asked_again_over_tcp(scripted: ScriptedDNS, path: str) -> None:
+    resolver = one_of(path, scripted.address)
+    assert await resolve_addresses("truncated.lean.test", resolver) == ("127.0.0.41",)
     assert scripted.queried("truncated.lean.test", "A", "udp") == 1
     assert scripted.queried("truncated.lean.test", "A", "tcp") == 1
 
@@ -608,24 +628,27 @@ async def test_every_nameserver_failing_is_reported_alike(scripted: ScriptedDNS)
     assert f"Do53:127.0.0.1@{two.port} answered SERVFAIL" in reason
 
 
-async def test_each_query_leaves_from_a_socket_of_its_own(scripted: ScriptedDNS) -> None:
+@PATHS
+async def test_each_query_leaves_from_a_socket_of_its_own(scripted: ScriptedDNS, path: str) -> None:
     """A new socket, so a new source port, per query, as dnspython does: a reply cannot be
     forged by guessing the id alone."""
-    lean, _ = resolvers(scripted.address)
+    resolver = one_of(path, scripted.address)
     for _ in range(4):
-        assert await resolve_addresses("plain.lean.test", lean) == PLAIN
+        assert await resolve_addresses("plain.lean.test", resolver) == PLAIN
     ports = [port for *_, port in scripted.queries]
     assert len(ports) == 8
     assert len(set(ports)) >= len(ports) - 1  # the kernel may hand a port out again
 
 
+@PATHS
 async def test_long_answer_from_the_zone_server_comes_over_tcp(
-    make_settings: Callable[..., Any], world_dns: DNSZoneServer
+    make_settings: Callable[..., Any], world_dns: DNSZoneServer, path: str
 ) -> None:
     addresses = tuple(f"127.0.1.{i}" for i in range(1, 41))
     world_dns.add("\n".join(f"many.test. 300 IN A {ip}" for ip in addresses))
-    resolver = mx.make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
-    assert mx._lean_applies(resolver)
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address)
+    resolver = mx.make_resolver(settings, lean=path == "lean")
+    assert dnswire.applies(resolver) is (path == "lean")
     assert await resolve_addresses("many.test", resolver) == addresses
     assert world_dns.queried("many.test", "A") == 2  # truncated over UDP, then TCP
 
@@ -636,28 +659,30 @@ async def test_long_answer_from_the_zone_server_comes_over_tcp(
 async def test_the_lean_path_applies_to_make_resolvers_resolvers(
     make_settings: Callable[..., Any], world_dns: DNSZoneServer
 ) -> None:
-    """The cases above run mx.py's path, not dnspython's twice."""
-    resolver = mx.make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
+    """The cases above run the lean path, not dnspython's twice."""
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address)
+    resolver = mx.make_resolver(settings)
     lean, reference = resolvers(world_dns.address)
-    assert mx._lean_applies(resolver)
-    assert mx._lean_applies(lean)
-    assert not mx._lean_applies(reference)
+    assert dnswire.applies(resolver)
+    assert dnswire.applies(lean)
+    assert not dnswire.applies(reference)
+    assert not dnswire.applies(mx.make_resolver(settings, lean=False))
     resolver.cache = dns.resolver.Cache()
-    assert not mx._lean_applies(resolver)
+    assert not dnswire.applies(resolver)
 
 
 def test_the_lean_path_needs_a_running_loop(
     make_settings: Callable[..., Any], world_dns: DNSZoneServer
 ) -> None:
     resolver = mx.make_resolver(make_settings(RELAY_DNS_NAMESERVERS=world_dns.address))
-    assert not mx._lean_applies(resolver)
+    assert not dnswire.applies(resolver)
 
 
 @pytest.mark.parametrize("name", ["support.test", "MiXeD.Case.test", "x" * 63 + ".test", "."])
 @pytest.mark.parametrize("rdtype", ["A", "AAAA", "MX"])
 def test_query_wire_is_what_dnspython_renders(name: str, rdtype: str) -> None:
     query = dns.message.make_query(name, rdtype)
-    assert mx._query_wire(query) == (query.to_wire(), True)
+    assert dnswire._query_wire(query) == (query.to_wire(), True)
 
 
 @pytest.mark.parametrize(
@@ -670,17 +695,17 @@ def test_query_wire_is_what_dnspython_renders(name: str, rdtype: str) -> None:
     ids=["edns", "txt", "chaos"],
 )
 def test_other_queries_are_rendered_by_dnspython(query: dns.message.QueryMessage) -> None:
-    assert mx._query_wire(query) == (query.to_wire(), False)
+    assert dnswire._query_wire(query) == (query.to_wire(), False)
 
 
 def test_plain_reader_takes_plain_replies_and_leaves_the_rest() -> None:
     query = dns.message.make_query("plain.lean.test", "A")
-    wire, plain = mx._query_wire(query)
+    wire, plain = dnswire._query_wire(query)
     assert plain
     qname = query.question[0].name
 
     def read(data: bytes) -> list[str] | None:
-        return mx._read_plain(data, wire, qname)
+        return dnswire._read_plain(data, wire, qname)
 
     rr = "plain.lean.test. 300 A "
     assert read(reply(query, rr + "127.0.0.2", rr + "127.0.0.3", rr + "127.0.0.2")) == [
@@ -695,3 +720,131 @@ def test_plain_reader_takes_plain_replies_and_leaves_the_rest() -> None:
     truncated = dns.message.from_wire(reply(query, rr + "127.0.0.2"))
     truncated.flags |= dns.flags.TC
     assert read(truncated.to_wire()) is None
+
+
+# --- resolve_texts is Resolver.resolve ------------------------------------------------------
+
+
+async def texts_or_error(call: Awaitable[Any]) -> tuple[str, Any]:
+    """("ok", the records as text) or (the exception's type, its text; a timeout's text holds
+    the time it took, so not that)."""
+    try:
+        result = await call
+    except dns.exception.DNSException as exc:
+        timed_out = isinstance(exc, dns.exception.Timeout)
+        return type(exc).__name__, "" if timed_out else str(exc)
+    texts = result if isinstance(result, list) else [rdata.to_text() for rdata in result]
+    return "ok", texts
+
+
+@pytest.mark.parametrize("rdtype", ["A", "AAAA", "MX"])
+@pytest.mark.parametrize("name", sorted(n for n in SCRIPTS if n != "silent.lean.test"))
+async def test_resolve_texts_is_resolve(scripted: ScriptedDNS, name: str, rdtype: str) -> None:
+    """Every scripted reply, for every type mx.py asks: the lean path's texts or exception are
+    those of the call it stands for."""
+    lean, plain = resolvers(scripted.address)
+    assert dnswire.applies(lean)
+    qname = dns.name.from_text(name)
+    mine = await texts_or_error(dnswire.resolve_texts(lean, qname, rdtype))
+    theirs = await texts_or_error(
+        plain.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+    )
+    assert mine == theirs
+    assert BOGUS not in str(mine)
+
+
+async def test_resolve_texts_times_out_as_resolve(scripted: ScriptedDNS) -> None:
+    lean, plain = resolvers(scripted.address, lifetime=0.3, timeout=0.3)
+    qname = dns.name.from_text("silent.lean.test")
+    mine = await texts_or_error(dnswire.resolve_texts(lean, qname, "A"))
+    assert mine == await texts_or_error(plain.resolve(qname, "A", search=False))
+    assert mine == ("LifetimeTimeout", "")
+
+
+# --- the guard: the exact dnspython it mirrors ----------------------------------------------
+
+
+def test_the_installed_dnspython_is_the_code_dnswire_mirrors() -> None:
+    """If this fails, dnspython changed (or moved) code that relay/mail/dnswire.py copies or
+    calls privately, and every query now takes the slower Resolver.resolve (so every test here
+    that expects the lean path fails too; the plain path is still right).
+
+    Re-read each source in dnswire.MIRRORED in the installed dnspython beside dnswire (the loop
+    in resolve_texts, _udp_query, _query_wire, _read_plain, _plain_record) and adapt dnswire
+    where it no longer matches; then add the digest in the message below to
+    dnswire.DNSPYTHON_SOURCES and run this file and tests/mail/test_mx.py, which then compare
+    the lean path with dnspython's on every case. Past 2.9, move the pin in pyproject.toml.
+    """
+    assert Version("2.6") <= Version(version("dnspython")) < Version("2.10")
+    digest = dnswire.source_digest()
+    assert digest in dnswire.DNSPYTHON_SOURCES, (
+        f"dnspython {dns.version.version} hashes to {digest}: re-read it (see this docstring)"
+    )
+    dnswire.sources_match.cache_clear()
+    assert dnswire.sources_match() is True
+
+
+@pytest.fixture
+def do53_queries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The names asked through dnspython's Do53Nameserver.async_query (the plain path over UDP,
+    both paths over TCP). The guard's verdict is taken first: the spy is a source it hashes."""
+    dnswire.sources_match.cache_clear()
+    assert dnswire.sources_match()
+    asked: list[str] = []
+    original = dns.nameserver.Do53Nameserver.async_query
+
+    async def spy(self: Any, request: dns.message.QueryMessage, *args: Any, **kwargs: Any) -> Any:
+        asked.append(request.question[0].name.to_text())
+        return await original(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(dns.nameserver.Do53Nameserver, "async_query", spy)
+    yield asked
+    monkeypatch.undo()
+    dnswire.sources_match.cache_clear()
+
+
+async def test_the_lean_path_leaves_plain_replies_to_no_dnspython_query(
+    scripted: ScriptedDNS, do53_queries: list[str]
+) -> None:
+    """The control for the test below: the spy sees nothing of the lean path over UDP."""
+    lean, _ = resolvers(scripted.address)
+    assert await resolve_addresses("plain.lean.test", lean) == PLAIN
+    assert do53_queries == []
+
+
+async def test_other_dnspython_sources_take_the_plain_path_and_say_so_once(
+    monkeypatch: pytest.MonkeyPatch,
+    scripted: ScriptedDNS,
+    do53_queries: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(dnswire, "DNSPYTHON_SOURCES", frozenset({"0" * 64}))
+    dnswire.sources_match.cache_clear()
+    lean, _ = resolvers(scripted.address)
+    with caplog.at_level(logging.WARNING, logger="relay.dnswire"):
+        assert not dnswire.applies(lean)
+        for _ in range(2):
+            assert await resolve_addresses("plain.lean.test", lean) == PLAIN
+            assert [h.name for h in await resolve_mx("mx.lean.test", lean)] == [
+                "mx1.lean.test",
+                "plain.lean.test",
+            ]
+    # A and AAAA, for resolve_addresses and as an MX host, twice
+    assert do53_queries.count("plain.lean.test.") == 2 * (2 + 2)
+    assert do53_queries.count("mx.lean.test.") == 2
+    unavailable = [
+        r.getMessage() for r in caplog.records if "dns.lean_unavailable" in r.getMessage()
+    ]
+    assert len(unavailable) == 1
+    assert f"dnspython={dns.version.version}" in unavailable[0]
+
+
+def test_a_mirrored_source_gone_takes_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A release without one of the mirrored pieces has no digest at all."""
+    monkeypatch.setattr(dnswire, "MIRRORED", (*dnswire.MIRRORED, ("dns.resolver", "Gone")))
+    dnswire.sources_match.cache_clear()
+    try:
+        assert dnswire.source_digest() is None
+        assert dnswire.sources_match() is False
+    finally:
+        dnswire.sources_match.cache_clear()
