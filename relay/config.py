@@ -280,11 +280,18 @@ def normalise_pem(data: bytes) -> bytes:
     return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").strip() + b"\n"
 
 
-def _check_rsa(pem: bytes, var: str, problems: list[str]) -> None:
+def _private_key(pem: bytes, var: str, problems: list[str]) -> Any:
+    """The parsed private key, or None with the problem noted."""
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
+        return serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as exc:
         problems.append(f"{var}: not an unencrypted PEM private key ({exc})")
+        return None
+
+
+def _check_rsa(pem: bytes, var: str, problems: list[str]) -> None:
+    key = _private_key(pem, var, problems)
+    if key is None:
         return
     if not isinstance(key, rsa.RSAPrivateKey):
         problems.append(f"{var}: must be an RSA key (use RELAY_DKIM_ED25519_KEY_FILE for Ed25519)")
@@ -293,12 +300,8 @@ def _check_rsa(pem: bytes, var: str, problems: list[str]) -> None:
 
 
 def _check_ed25519(pem: bytes, var: str, problems: list[str]) -> None:
-    try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as exc:
-        problems.append(f"{var}: not an unencrypted PEM private key ({exc})")
-        return
-    if not isinstance(key, ed25519.Ed25519PrivateKey):
+    key = _private_key(pem, var, problems)
+    if key is not None and not isinstance(key, ed25519.Ed25519PrivateKey):
         problems.append(f"{var}: must be an Ed25519 key")
 
 

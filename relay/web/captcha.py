@@ -114,24 +114,16 @@ class HCaptchaVerifier:
             data["remoteip"] = remoteip
         try:
             reply = self._http().post(self.verify_url, data=data)
-        except httpx.TimeoutException as exc:
-            event(
-                log,
-                "captcha.unavailable",
-                logging.WARNING,
-                reason="timeout",
-                error=type(exc).__name__,
-            )
-            raise CaptchaError([TIMEOUT], retryable=True) from exc
         except httpx.HTTPError as exc:
+            timeout = isinstance(exc, httpx.TimeoutException)
             event(
                 log,
                 "captcha.unavailable",
                 logging.WARNING,
-                reason="error",
+                reason="timeout" if timeout else "error",
                 error=type(exc).__name__,
             )
-            raise CaptchaError([UNREACHABLE], retryable=True) from exc
+            raise CaptchaError([TIMEOUT if timeout else UNREACHABLE], retryable=True) from exc
         if reply.status_code != 200:
             event(log, "captcha.unavailable", logging.WARNING, status=reply.status_code)
             raise CaptchaError([HTTP_ERROR], retryable=True)
