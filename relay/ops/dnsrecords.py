@@ -230,9 +230,12 @@ async def records_to_publish(
     """
     # The doctor quotes this module's records in its fixes: imported here, not at the top,
     # so that importing either module does not need the other half-imported.
-    from relay.ops.doctor.auth import find_dmarc, parse_tags  # noqa: PLC0415
-    from relay.ops.doctor.lookup import txt_records  # noqa: PLC0415
-    from relay.ops.doctor.sending import detect_sending_ip  # noqa: PLC0415
+    from relay.ops.doctor.lookup import (  # noqa: PLC0415
+        detect_sending_ip,
+        find_dmarc,
+        parse_tags,
+        txt_records,
+    )
 
     notes: list[str] = []
     if ip is None:

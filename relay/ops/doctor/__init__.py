@@ -10,9 +10,10 @@ One room per concern:
 - `verdict`: `Check` and how a check's findings combine into one verdict.
 - `lookup`: DNS through the given resolver (RELAY_DNS_NAMESERVERS), also for pyspf and
   dkimpy, which are synchronous and query from a worker thread through `SyncDNS` (pyspf via
-  `spf_lookups`, which patches `spf.DNSLookup` only while an evaluation needs it).
+  `spf_lookups`, which patches `spf.DNSLookup` only while an evaluation needs it), and the
+  lookups `relay dns-records` shares (DMARC in force, the sending IP detected by route).
 - `domains`: the organisational domain and DMARC alignment.
-- `sending`: the sending IP (given or detected), its PTR and our HELO name.
+- `sending`: the sending IP check, its PTR and our HELO name.
 - `auth`: SPF, DKIM (our keys against the published ones, a probe signed and verified),
   DMARC and alignment.
 - `support`: the support address's MX, the helpdesk-native warning, the hCaptcha keys.
@@ -91,7 +92,7 @@ async def run_checks(
     ip: str | None = None,
     database: bool = True,
 ) -> list[Check]:
-    """Every check, in a stable order. `ip` None: detected (see `sending.detect_sending_ip`).
+    """Every check, in a stable order. `ip` None: detected (see `lookup.detect_sending_ip`).
     `database=False` leaves the store check out (a caller that has just migrated it)."""
     loop = asyncio.get_running_loop()
     sync_dns = SyncDNS(resolver, loop, timeout=settings.dns_timeout * 3 + 5)

@@ -26,21 +26,15 @@ from cryptography.hazmat.primitives import serialization
 from relay.config import Settings, domain_of
 from relay.mail.mx import Resolver
 from relay.ops import dnsrecords
-from relay.ops.doctor.domains import aligned, organisational_domain
-from relay.ops.doctor.lookup import Lookup, SyncDNS, spf_lookups, txt_records
+from relay.ops.doctor.domains import aligned
+from relay.ops.doctor.lookup import (
+    SyncDNS,
+    find_dmarc,
+    parse_tags,
+    spf_lookups,
+    txt_records,
+)
 from relay.ops.doctor.verdict import Check, Finding, combine, lookup_failed
-
-
-def parse_tags(text: str) -> dict[str, str]:
-    """A DKIM/DMARC tag list ("v=DMARC1; p=none") as a dict; keys lower-cased, p= unspaced."""
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            key = key.strip().lower()
-            tags.setdefault(key, re.sub(r"\s+", "", value) if key == "p" else value.strip())
-    return tags
-
 
 # --- SPF ------------------------------------------------------------------------------------
 
@@ -362,22 +356,6 @@ async def _probe_findings(
 
 
 # --- DMARC and alignment --------------------------------------------------------------------
-
-
-async def find_dmarc(resolver: Resolver, domain: str) -> tuple[str, list[str], Lookup]:
-    """(where it was found, DMARC records there, the lookup): the From domain's own record,
-    else the organisational domain's (RFC 7489 §6.6.3)."""
-    where = f"_dmarc.{domain}"
-    texts, result = await txt_records(resolver, where)
-    records = [t for t in texts if t.lower().replace(" ", "").startswith("v=dmarc1")]
-    org = organisational_domain(domain)
-    if not records and not result.temporary and org != domain:
-        org_where = f"_dmarc.{org}"
-        org_texts, org_result = await txt_records(resolver, org_where)
-        org_records = [t for t in org_texts if t.lower().replace(" ", "").startswith("v=dmarc1")]
-        if org_records or org_result.temporary:
-            return org_where, org_records, org_result
-    return where, records, result
 
 
 async def check_dmarc(settings: Settings, resolver: Resolver) -> tuple[Check, dict[str, str]]:

@@ -5,14 +5,20 @@ dkimpy are synchronous, so they run in a worker thread and hand their queries ba
 event loop through `SyncDNS`: dkimpy through its `dnsfunc` argument, pyspf, which has no
 such argument, through its module-level `spf.DNSLookup`, swapped for a dispatcher only while
 an evaluation is inside `spf_lookups` and restored when the last one leaves.
+
+What `relay dns-records` asks too lives here (the DMARC record in force, its tags, the
+sending IP found by routing towards the support MX), so relay.ops.dnsrecords needs no check.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import ipaddress
+import re
+import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +28,9 @@ import dns.exception
 import dns.resolver
 import spf
 
-from relay.mail.mx import Resolver
+from relay.config import Settings, domain_of
+from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
+from relay.ops.doctor.domains import organisational_domain
 
 
 @dataclass(frozen=True)
@@ -175,3 +183,63 @@ def spf_lookups(lookup_fn: SPFLookup) -> Iterator[None]:
             _seam.users -= 1
             if _seam.users == 0 and spf.DNSLookup is _spf_dispatch:
                 spf.DNSLookup = _seam.original
+
+
+def parse_tags(text: str) -> dict[str, str]:
+    """A DKIM/DMARC tag list ("v=DMARC1; p=none") as a dict; keys lower-cased, p= unspaced."""
+    tags: dict[str, str] = {}
+    for part in text.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            key = key.strip().lower()
+            tags.setdefault(key, re.sub(r"\s+", "", value) if key == "p" else value.strip())
+    return tags
+
+
+async def find_dmarc(resolver: Resolver, domain: str) -> tuple[str, list[str], Lookup]:
+    """(where it was found, DMARC records there, the lookup): the From domain's own record,
+    else the organisational domain's (RFC 7489 §6.6.3)."""
+    where = f"_dmarc.{domain}"
+    texts, result = await txt_records(resolver, where)
+    records = [t for t in texts if t.lower().replace(" ", "").startswith("v=dmarc1")]
+    org = organisational_domain(domain)
+    if not records and not result.temporary and org != domain:
+        org_where = f"_dmarc.{org}"
+        org_texts, org_result = await txt_records(resolver, org_where)
+        org_records = [t for t in org_texts if t.lower().replace(" ", "").startswith("v=dmarc1")]
+        if org_records or org_result.temporary:
+            return org_where, org_records, org_result
+    return where, records, result
+
+
+def source_address(ip: str, port: int) -> str:
+    """The local address the kernel picks to reach ip:port (a UDP connect sends nothing)."""
+    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((ip, port))
+        return str(sock.getsockname()[0])
+
+
+async def detect_sending_ip(settings: Settings, resolver: Resolver) -> tuple[str, str]:
+    """(ip, how it was found): the source address towards the support domain's first MX, or
+    the smarthost. Raises DNSError or OSError when there is no route to find."""
+    smarthost = settings.smarthost_address
+    if smarthost is not None:
+        host, port = smarthost
+        try:
+            targets: Sequence[str] = [str(ipaddress.ip_address(host))]
+        except ValueError:
+            targets = await resolve_addresses(host, resolver)
+        via = f"smarthost {host}"
+    else:
+        hosts = await resolve_mx(domain_of(settings.support_address), resolver)
+        targets = [a for h in hosts for a in h.addresses]
+        port = 25
+        via = f"MX {hosts[0].name}"
+    error: OSError | None = None
+    for target in targets:
+        try:
+            return source_address(target, port), f"source address towards {via} ({target})"
+        except OSError as exc:
+            error = exc
+    raise error or OSError("no address to connect to")

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
-from collections.abc import Sequence
 from typing import Any
 
 from relay.config import Settings, domain_of, is_fqdn
 from relay.errors import DNSError
-from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
+from relay.mail.mx import Resolver
 from relay.ops import dnsrecords
 from relay.ops.doctor.domains import aligned, organisational_domain
-from relay.ops.doctor.lookup import Lookup, addresses_of, lookup
+from relay.ops.doctor.lookup import Lookup, addresses_of, detect_sending_ip, lookup
 from relay.ops.doctor.verdict import Check, Finding, Status, combine, lookup_failed
 
 # Words that mark a reverse name as a provider's generic, per-address name (receiver
@@ -96,39 +94,6 @@ def generic_ptr_reasons(name: str, ip: str) -> list[str]:
 
 
 # --- the sending IP -------------------------------------------------------------------------
-
-
-def source_address(ip: str, port: int) -> str:
-    """The local address the kernel picks to reach ip:port (a UDP connect sends nothing)."""
-    family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        sock.connect((ip, port))
-        return str(sock.getsockname()[0])
-
-
-async def detect_sending_ip(settings: Settings, resolver: Resolver) -> tuple[str, str]:
-    """(ip, how it was found): the source address towards the support domain's first MX, or
-    the smarthost. Raises DNSError or OSError when there is no route to find."""
-    smarthost = settings.smarthost_address
-    if smarthost is not None:
-        host, port = smarthost
-        try:
-            targets: Sequence[str] = [str(ipaddress.ip_address(host))]
-        except ValueError:
-            targets = await resolve_addresses(host, resolver)
-        via = f"smarthost {host}"
-    else:
-        hosts = await resolve_mx(domain_of(settings.support_address), resolver)
-        targets = [a for h in hosts for a in h.addresses]
-        port = 25
-        via = f"MX {hosts[0].name}"
-    error: OSError | None = None
-    for target in targets:
-        try:
-            return source_address(target, port), f"source address towards {via} ({target})"
-        except OSError as exc:
-            error = exc
-    raise error or OSError("no address to connect to")
 
 
 async def check_sending_ip(
