@@ -135,6 +135,7 @@ class BuiltMessage:
     recipient: str  # settings.support_address, never from the request
     envelope_from: str  # settings.envelope_sender
     subject: str  # the subject as sent, for the log
+    reply_to: str = ""  # the visitor's address, for the operator's search; "" for a notice
 
 
 # What sanitize_text removes, as one character class each (replacing a per-character
@@ -344,6 +345,7 @@ def build_message(
         recipient=settings.support_address,
         envelope_from=settings.envelope_sender,
         subject=subject,
+        reply_to=reply_to,
     )
 
 
