@@ -139,6 +139,12 @@ def send(
         fail("relay send: " + "; ".join(exc.lines()))
     except RelayError as exc:  # the store cannot commit, the key cannot sign
         fail(f"relay send: {'' if now else 'not queued: '}{exc}")
+    if accepted.held_by:
+        click.echo(
+            f"held {accepted.id} {accepted.message_id} for review ({accepted.held_by}); "
+            f"`relay release {accepted.id}` sends it"
+        )
+        return
     click.echo(f"queued {accepted.id} {accepted.message_id}; `relay worker` delivers it")
 
 
@@ -179,16 +185,37 @@ def worker(ctx: click.Context, once: bool) -> None:
 @main.command("log")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_duration, help="Only messages newer than this (2h, 3d).")
-@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100000), default=None, help="At most (default 50).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header (default: every message).")
 @click.pass_context
 def log_command(
-    ctx: click.Context, status: str | None, since: Any, limit: int, as_json: bool
+    ctx: click.Context,
+    *,
+    status: str | None,
+    since: Any,
+    limit: int | None,
+    as_json: bool,
+    as_csv: bool,
 ) -> None:
     """Messages, newest first: id, age, status, attempts, last reply, next try."""
+    from itertools import islice  # noqa: PLC0415
+
+    from relay.store.browse import LogFilter, walk  # noqa: PLC0415
+
+    if as_json and as_csv:
+        fail("relay log: --json or --csv, not both", code=2)
     store = _outbox(ctx)
+    if as_csv:
+        try:
+            rows_out = walk(store.browse, LogFilter(status=status, since=since))
+            for line in views.csv_lines(islice(rows_out, limit)):
+                click.echo(line, nl=False)
+        except StoreError as exc:
+            fail(f"relay log: {exc}")
+        return
     try:
-        rows = store.list_messages(status=status, since=since, limit=limit)
+        rows = store.list_messages(status=status, since=since, limit=limit or 50)
     except StoreError as exc:
         fail(f"relay log: {exc}")
     now = store.clock()
@@ -238,6 +265,20 @@ def retry(ctx: click.Context, message_id: str | None, all_failed: bool) -> None:
             fail(f"relay retry: {message_id} is {row.status}; only failed or deferred mail retries")
     except StoreError as exc:
         fail(f"relay retry: {exc}")
+
+
+@main.command("release")
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def release_command(ctx: click.Context, message_id: str) -> None:
+    """Send a message a hold rule kept for review (it is queued for delivery now)."""
+    store = _outbox(ctx)
+    try:
+        if not store.release_held(message_id):
+            fail(f"relay release: {message_id} is {store.get(message_id).status}, not held")
+    except StoreError as exc:
+        fail(f"relay release: {exc}")
+    click.echo(f"{message_id} released: queued for delivery")
 
 
 @main.command()
@@ -446,6 +487,32 @@ def dkim_keygen(
     if kind == "ed25519":
         click.echo("\n(Ed25519 signs in addition to the RSA key, which stays required.)")
     click.echo("\nWhen the record is published, check it with `relay doctor`.")
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+@main.group()
+def admin() -> None:
+    """The operator's console."""
+
+
+@admin.command("hash-password")
+def hash_password() -> None:
+    """Print an argon2 hash of a password for RELAY_ADMIN_USERS (user:hash).
+
+    On a terminal the password is asked for twice, hidden; from a pipe the first line is read.
+    Needs no configuration.
+    """
+    from argon2 import PasswordHasher  # noqa: PLC0415
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        fail("relay admin hash-password: use at least 12 characters", code=2)
+    click.echo(PasswordHasher().hash(password))
 
 
 # --- demo ----------------------------------------------------------------------------------

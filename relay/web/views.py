@@ -159,9 +159,10 @@ def submit() -> Response:
         return render_form(form, status=503, banner=text, headers=headers)
     event(
         log,
-        "form.accepted",
+        "form.held" if accepted.held_by else "form.accepted",
         id=accepted.id,
         message_id=accepted.message_id,
+        rule=accepted.held_by,
         ip=request.remote_addr,
         lang=select_locale(),
         embed=is_embed(),
