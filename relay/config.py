@@ -289,7 +289,7 @@ class Settings(BaseModel):
             return None
         host, _, port = self.worker_metrics_address.rpartition(":")
         host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
             raise ValueError(f"{self.worker_metrics_address!r} is not host:port")
         return host, int(port)
 

@@ -34,6 +34,8 @@ from relay.mail.mx import make_resolver
 from relay.mail.send import DeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
+from relay.metrics import Metrics, MetricsServer, exposition, metrics_app, reply_class
+from relay.store.metrics import QueueCollector
 from relay.store.notify import Listener
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
@@ -71,6 +73,7 @@ class Worker:
         heartbeat_interval: float | None = None,
         claim_coalesce: float = 0.015,
         record_window: float = 0.005,
+        metrics: Metrics | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -96,6 +99,7 @@ class Worker:
         self._outcome_ready: asyncio.Event | None = None
         self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
         self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
+        self.metrics = metrics or Metrics()
 
     # --- the real collaborators, built on first use ---
 
@@ -313,6 +317,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         while True:
+            self.metrics.heartbeat()
             await asyncio.sleep(self.heartbeat_interval)
             ids = list(self._inflight)
             if not ids:
@@ -333,8 +338,16 @@ class Worker:
             await self._release_cut_off(item)
             raise
         decision = await self._record(item, result, started)
+        self._count(item, result, decision)
         if decision is not None and decision.applied:
             self._log_outcome(item, result, decision)
+
+    def _count(self, item: Claimed, result: AttemptResult, decision: Decision | None) -> None:
+        """Every attempt by outcome and reply class; a recorded delivery's latency."""
+        self.metrics.attempts.labels(result.outcome, reply_class(reply_fields(result).code)).inc()
+        if decision is not None and decision.applied and decision.status == "delivered":
+            latency = (self.outbox.clock() - item.created_at).total_seconds()
+            self.metrics.latency.observe(max(0.0, latency))
 
     async def _sign_and_deliver(self, item: Claimed) -> AttemptResult:
         result = await sign_and_deliver(
@@ -467,6 +480,7 @@ def run_worker(
     store = outbox or Outbox.from_settings(settings)
     resolver = make_resolver(settings)
     worker = Worker(store, settings, resolver=resolver)
+    server = serve_metrics(settings, worker)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -487,7 +501,24 @@ def run_worker(
     try:
         asyncio.run(main())
     finally:
+        if server is not None:
+            server.close()
         store.dispose()
+
+
+def serve_metrics(settings: Settings, worker: Worker) -> MetricsServer | None:
+    """RELAY_WORKER_METRICS_ADDRESS: the worker's metrics and the store's queue, over HTTP
+    to the bearer of RELAY_METRICS_TOKEN (config requires both together)."""
+    bind = settings.worker_metrics_bind
+    if bind is None or settings.metrics_token is None:
+        return None
+    collector = QueueCollector(worker.outbox)
+    app = metrics_app(
+        lambda: exposition(worker.metrics, [collector]), settings.metrics_token.get_secret_value()
+    )
+    server = MetricsServer(bind[0], bind[1], app)
+    event(log, "worker.metrics", address=f"{bind[0]}:{server.port}")
+    return server
 
 
 async def _guarded(checks: Awaitable[None]) -> None:

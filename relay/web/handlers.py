@@ -51,6 +51,8 @@ def handle_http_error(exc: HTTPException) -> Response:
     if code == 429:
         headers["Retry-After"] = str(retry_after_seconds(exc))
         event(log, "form.rate_limited", ip=request.remote_addr, limit=exc.description)
+    if code in (413, 429) and request.method == "POST" and request.path == "/form":
+        state().metrics.submission("refused", "rate_limited" if code == 429 else "too_large")
     if wants_json():
         response = json_errors({"form": [text]}, code)
     elif code == 429 and request.method == "POST" and request.path == "/form":
