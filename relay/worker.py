@@ -20,11 +20,12 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from relay.alerts import Dispatcher, Rule, default_rules
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
@@ -74,6 +75,7 @@ class Worker:
         claim_coalesce: float = 0.015,
         record_window: float = 0.005,
         metrics: Metrics | None = None,
+        alerts: Dispatcher | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -100,6 +102,7 @@ class Worker:
         self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
         self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
         self.metrics = metrics or Metrics()
+        self.alerts = alerts  # runs beside delivery, never in its way
 
     # --- the real collaborators, built on first use ---
 
@@ -143,6 +146,9 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         listener = asyncio.create_task(self._listen())
         writer = asyncio.create_task(self._writer())
+        alerting = asyncio.create_task(
+            self.alerts.run(self._stop) if self.alerts and not once else asyncio.sleep(0)
+        )
         failures = 0
         try:
             while not self._stop.is_set():
@@ -189,11 +195,21 @@ class Worker:
             if self._sessions is not None:
                 await self._sessions.close()  # QUIT the idle SMTP sessions
             await self._close_writer(writer)
-            for task in (heartbeat, listener):
+            if once and self.alerts is not None:
+                await self._alerts_once()
+            for task in (heartbeat, listener, alerting):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
+
+    async def _alerts_once(self) -> None:
+        """`--once`: one round of alerts after the deliveries (its failures only logged)."""
+        assert self.alerts is not None
+        try:
+            await self.alerts.tick(all_rules=True)
+        except Exception as exc:
+            event(log, "alert.tick_failed", logging.WARNING, error=repr(exc))
 
     async def _wait_for(self, timeout: float | None, *, wake: bool) -> None:
         """Until an attempt ends, stop() is called, (with `wake`) a NOTIFY, or the timeout."""
@@ -463,6 +479,7 @@ class Worker:
 
 
 Startup = Callable[[Any], Awaitable[None]]
+Rules = Callable[[Any], Sequence[Rule]]
 
 
 def run_worker(
@@ -471,15 +488,22 @@ def run_worker(
     once: bool = False,
     outbox: Outbox | None = None,
     startup: Startup | None = None,
+    rules: Rules | None = None,
 ) -> None:
     """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish.
 
     `startup(resolver)` runs in the background while delivery starts (the CLI passes the
     doctor's checks, logged); `--once` (cron, tests) skips it, so a run every minute neither
-    repeats them nor waits for their DNS lookups."""
+    repeats them nor waits for their DNS lookups. `rules(resolver)` are alert rules beside
+    `relay.alerts.default_rules` (the CLI passes the daily DKIM check)."""
     store = outbox or Outbox.from_settings(settings)
     resolver = make_resolver(settings)
-    worker = Worker(store, settings, resolver=resolver)
+    metrics = Metrics()
+    extra = list(rules(resolver)) if rules is not None else []
+    dispatcher = Dispatcher(
+        store, settings, rules=[*default_rules(settings), *extra], metrics=metrics
+    )
+    worker = Worker(store, settings, resolver=resolver, metrics=metrics, alerts=dispatcher)
     server = serve_metrics(settings, worker)
 
     async def main() -> None:

@@ -347,6 +347,16 @@ class AlertStore:
         return [_alert_row(r, by_alert.get(r.id, ())) for r in rows]
 
     @replayed
+    def has_event(self, kind: str, subject: str, within: timedelta) -> bool:
+        """Whether an event of `kind` about `subject` was recorded within that time."""
+        e = alert_events.c
+        query = sa.select(e.id).where(
+            e.kind == kind, e.subject == subject, e.created_at >= self.db.clock() - within
+        )
+        with self.db.tx() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
+    @replayed
     def pending_events(self) -> int:
         """Events not grouped into an alert yet."""
         with self.db.tx() as conn:
