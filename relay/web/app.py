@@ -21,7 +21,7 @@ from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.store.outbox import Outbox
-from relay.web import forms
+from relay.web import console, forms
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
     everyone,
@@ -86,6 +86,7 @@ def create_app(
 
     Babel(app, locale_selector=select_locale)
     app.register_blueprint(bp)
+    console.register(app, app.extensions["formrelay"])
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected)
     app.after_request(security_headers)
