@@ -43,12 +43,12 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay import logs
+from relay.alerts import Dispatcher, default_rules
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.mail.signing import dkim_txt_record
-from relay.alerts import Dispatcher, default_rules
 from relay.ops.doctor import auth_verdicts, run_checks
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
