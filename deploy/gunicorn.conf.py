@@ -35,3 +35,22 @@ loglevel = os.environ.get("FORMRELAY_GUNICORN_LOGLEVEL", "info")
 # Load the app in each worker, not the master: the outbox engine must not cross a fork.
 preload_app = False
 proc_name = "formrelay-web"
+
+
+# Prometheus (GET /metrics, RELAY_METRICS_TOKEN): with several worker processes each writes its
+# values to files in PROMETHEUS_MULTIPROC_DIR (the systemd unit sets it to its RuntimeDirectory)
+# and /metrics adds them up. Files of an earlier run would count twice: cleared at start.
+def on_starting(server):
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(path):
+            if name.endswith(".db"):
+                os.remove(os.path.join(path, name))
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -28,7 +28,13 @@ def create_app(
     `outbox`, `resolver` and `verifier` are seams: None builds the real one from settings
     (Outbox.from_settings, mx.make_resolver, the hCaptcha client); demo mode passes its own
     offline verifier. Raises ConfigError for settings unfit to serve.
-    """
-    from relay.web.app import create_app as build  # noqa: PLC0415 - keep `import relay` light
 
-    return build(settings, outbox=outbox, resolver=resolver, verifier=verifier)
+    This is the composition root: the console's SPF/DKIM/DMARC verdict is the doctor's
+    (relay.ops), which the web layer may not import itself.
+    """
+    from relay.ops.doctor import auth_verdicts  # noqa: PLC0415 - keep `import relay` light
+    from relay.web.app import create_app as build  # noqa: PLC0415
+
+    return build(
+        settings, outbox=outbox, resolver=resolver, verifier=verifier, checks=auth_verdicts
+    )

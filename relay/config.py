@@ -26,6 +26,7 @@ from dotenv import dotenv_values
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from relay import holdrules
 from relay.errors import ConfigError
 
 PREFIX = "RELAY_"
@@ -141,12 +142,48 @@ class Settings(BaseModel):
     rate_limit_storage: str = Field("memory://", description="memory:// or redis://...")
     trusted_proxies: int = Field(0, ge=0, le=10, description="Proxy hops that set XFF")
     thanks_url: str | None = Field(None, description="Redirect after a successful submission")
+    hold_rules_file: Path | None = Field(
+        None, description="TOML rules that hold matching submissions for review"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    # --- the operator's console ---
+    admin_users: SecretStr | None = Field(
+        None, description="Console users: user:hash entries separated by spaces"
+    )
+    admin_trusted_header: str | None = Field(
+        None, description="Header an SSO proxy sets to the signed-in user's name"
+    )
+    admin_idle_timeout: int = Field(1800, ge=60, description="Console sign-out when idle, seconds")
+    admin_session_max: int = Field(
+        43200, ge=300, description="Console sign-out after sign-in, seconds"
+    )
+    admin_login_rate_limit: str = Field(
+        "5/minute;20/hour", description="Per-client-IP limit on console sign-in attempts"
+    )
+    # --- alerts and metrics ---
+    alert_webhook_url: str | None = Field(
+        None, description="Alerts POSTed as JSON (Slack/Mattermost text field)"
+    )
+    alert_email: str | None = Field(None, description="Operator address alerts are mailed to")
+    alert_queue_age: int = Field(
+        3600, ge=60, description="Alert when a message has waited longer, seconds"
+    )
+    alert_group_window: int = Field(
+        30, ge=0, le=3600, description="Alerts of one kind this close go out as one, seconds"
+    )
+    metrics_token: SecretStr | None = Field(
+        None, description="Bearer token for GET /metrics; unset: no metrics"
+    )
+    worker_metrics_address: str | None = Field(
+        None, description="host:port where `relay worker` serves /metrics"
+    )
 
     # Filled by load_settings(); not read from the environment.
     warnings: list[str] = Field(default_factory=list, exclude=True)
     dkim_key_pem: bytes = Field(b"", exclude=True, repr=False)
     dkim_ed25519_key_pem: bytes | None = Field(None, exclude=True, repr=False)
+    hold_rules: Any = Field(None, exclude=True, repr=False)  # holdrules.HoldRules
+    admin_hashes: dict[str, str] = Field(default_factory=dict, exclude=True, repr=False)
 
     @field_validator("dns_nameservers", mode="before")
     @classmethod
@@ -232,23 +269,52 @@ class Settings(BaseModel):
     def is_development(self) -> bool:
         return self.env in ("development", "test", "demo")
 
+    @property
+    def console_enabled(self) -> bool:
+        """The console exists only when someone can sign in to it."""
+        return bool(self.admin_hashes or self.admin_trusted_header)
+
+    @property
+    def alert_channels(self) -> list[str]:
+        return [
+            name
+            for name, value in (("webhook", self.alert_webhook_url), ("email", self.alert_email))
+            if value
+        ]
+
+    @property
+    def worker_metrics_bind(self) -> tuple[str, int] | None:
+        """(host, port) of RELAY_WORKER_METRICS_ADDRESS."""
+        if not self.worker_metrics_address:
+            return None
+        host, _, port = self.worker_metrics_address.rpartition(":")
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 <= int(port) < 65536:  # 0: any free port
+            raise ValueError(f"{self.worker_metrics_address!r} is not host:port")
+        return host, int(port)
+
 
 def env_var(field: str) -> str:
     return PREFIX + field.upper()
 
 
+# Settings that load_settings() derives; no variable sets them.
+DERIVED = frozenset(
+    {"warnings", "dkim_key_pem", "dkim_ed25519_key_pem", "hold_rules", "admin_hashes"}
+)
+
+
 def documented_variables() -> dict[str, str]:
     """RELAY_ variable -> description, for the README and .env.example drift checks."""
-    hidden = {"warnings", "dkim_key_pem", "dkim_ed25519_key_pem"}
     return {
         env_var(name): field.description or ""
         for name, field in Settings.model_fields.items()
-        if name not in hidden
+        if name not in DERIVED
     }
 
 
 def _collect(environ: Mapping[str, str]) -> dict[str, str]:
-    fields = set(Settings.model_fields) - {"warnings", "dkim_key_pem", "dkim_ed25519_key_pem"}
+    fields = set(Settings.model_fields) - DERIVED
     values: dict[str, str] = {}
     for key, value in environ.items():
         if key.startswith(PREFIX) and key[len(PREFIX) :].lower() in fields and value != "":
@@ -476,6 +542,80 @@ def _check_delivery(s: Settings, problems: list[str]) -> None:
         )
 
 
+_USER = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")
+_HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+def _admin_hashes(s: Settings, problems: list[str]) -> dict[str, str]:
+    """RELAY_ADMIN_USERS as user -> argon2 hash (`relay admin hash-password` makes them)."""
+    from argon2 import extract_parameters  # noqa: PLC0415 - only with console users
+    from argon2.exceptions import InvalidHashError  # noqa: PLC0415
+
+    if s.admin_users is None:
+        return {}
+    found: dict[str, str] = {}
+    for entry in s.admin_users.get_secret_value().replace(";", " ").split():
+        user, sep, hashed = entry.partition(":")
+        where = f"RELAY_ADMIN_USERS: entry for {user!r}" if sep else "RELAY_ADMIN_USERS"
+        if not sep or not _USER.match(user):
+            problems.append(f"{where}: each entry is user:hash (user: letters, digits, ._@-)")
+            continue
+        if user in found:
+            problems.append(f"{where}: listed twice")
+            continue
+        try:
+            extract_parameters(hashed)
+        except (InvalidHashError, ValueError):
+            problems.append(
+                f"{where}: not an argon2 hash; make one with `relay admin hash-password`"
+            )
+            continue
+        found[user] = hashed
+    return found
+
+
+def _check_console(s: Settings, problems: list[str], warnings: list[str]) -> None:
+    """The console's sign-in, the alert channels and the metrics endpoints."""
+    from limits import parse_many  # noqa: PLC0415
+
+    if s.admin_trusted_header is not None:
+        if not _HEADER.match(s.admin_trusted_header):
+            problems.append("RELAY_ADMIN_TRUSTED_HEADER: a header name, like X-Forwarded-User")
+        if s.trusted_proxies < 1:
+            problems.append(
+                "RELAY_ADMIN_TRUSTED_HEADER: needs RELAY_TRUSTED_PROXIES >= 1: the header is "
+                "believed only from the proxy in front of the relay"
+            )
+    if s.admin_idle_timeout > s.admin_session_max:
+        problems.append("RELAY_ADMIN_IDLE_TIMEOUT: must not exceed RELAY_ADMIN_SESSION_MAX")
+    try:
+        parse_many(s.admin_login_rate_limit)
+    except ValueError:
+        problems.append(
+            f"RELAY_ADMIN_LOGIN_RATE_LIMIT: {s.admin_login_rate_limit!r} is not a limit "
+            "like 5/minute;20/hour"
+        )
+    if s.alert_webhook_url is not None:
+        if not re.match(r"^https?://[^/\s]+", s.alert_webhook_url):
+            problems.append("RELAY_ALERT_WEBHOOK_URL: an http:// or https:// URL")
+        elif s.alert_webhook_url.startswith("http://") and not s.is_development:
+            warnings.append("RELAY_ALERT_WEBHOOK_URL: plain http; alerts cross the network unread?")
+    if s.alert_email is not None:
+        _check_address(
+            s.alert_email, "RELAY_ALERT_EMAIL", problems, test_domains=s.allow_test_domains
+        )
+    token = s.metrics_token.get_secret_value() if s.metrics_token else None
+    if token is not None and len(token) < 16:
+        problems.append("RELAY_METRICS_TOKEN: at least 16 characters")
+    if s.worker_metrics_address:
+        try:
+            s.worker_metrics_bind  # noqa: B018 - parses host:port
+        except ValueError as exc:
+            problems.append(f"RELAY_WORKER_METRICS_ADDRESS: {exc}")
+        if token is None:
+            problems.append("RELAY_WORKER_METRICS_ADDRESS: needs RELAY_METRICS_TOKEN (Bearer)")
+
+
 def _check_production(s: Settings, problems: list[str]) -> None:
     """What only production requires: a real secret key, real hCaptcha keys, origins."""
     if s.is_development:
@@ -507,6 +647,12 @@ def load_settings(
     key_pem = _rsa_key(s, problems, warnings)
     ed_pem = _ed25519_key(s, problems, warnings)
     _check_delivery(s, problems)
+    _check_console(s, problems, warnings)
+    hashes = _admin_hashes(s, problems)
+    rules = None
+    if s.hold_rules_file is not None:
+        rules, rule_problems = holdrules.load(s.hold_rules_file)
+        problems.extend(rule_problems)
     _check_production(s, problems)
     if problems:
         raise ConfigError(problems)
@@ -515,5 +661,7 @@ def load_settings(
             "warnings": warnings,
             "dkim_key_pem": key_pem or b"",
             "dkim_ed25519_key_pem": ed_pem,
+            "hold_rules": rules,
+            "admin_hashes": hashes,
         }
     )

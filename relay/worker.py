@@ -20,11 +20,12 @@ import os
 import secrets
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from relay.alerts import Dispatcher, Rule, default_rules
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
@@ -34,6 +35,8 @@ from relay.mail.mx import make_resolver
 from relay.mail.send import DeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
+from relay.metrics import Metrics, MetricsServer, exposition, metrics_app, reply_class
+from relay.store.metrics import QueueCollector
 from relay.store.notify import Listener
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
@@ -71,6 +74,8 @@ class Worker:
         heartbeat_interval: float | None = None,
         claim_coalesce: float = 0.015,
         record_window: float = 0.005,
+        metrics: Metrics | None = None,
+        alerts: Dispatcher | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -96,6 +101,8 @@ class Worker:
         self._outcome_ready: asyncio.Event | None = None
         self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
         self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
+        self.metrics = metrics or Metrics()
+        self.alerts = alerts  # runs beside delivery, never in its way
 
     # --- the real collaborators, built on first use ---
 
@@ -139,6 +146,9 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat())
         listener = asyncio.create_task(self._listen())
         writer = asyncio.create_task(self._writer())
+        alerting = asyncio.create_task(
+            self.alerts.run(self._stop) if self.alerts and not once else asyncio.sleep(0)
+        )
         failures = 0
         try:
             while not self._stop.is_set():
@@ -185,11 +195,21 @@ class Worker:
             if self._sessions is not None:
                 await self._sessions.close()  # QUIT the idle SMTP sessions
             await self._close_writer(writer)
-            for task in (heartbeat, listener):
+            if once and self.alerts is not None:
+                await self._alerts_once()
+            for task in (heartbeat, listener, alerting):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
+
+    async def _alerts_once(self) -> None:
+        """`--once`: one round of alerts after the deliveries (its failures only logged)."""
+        assert self.alerts is not None
+        try:
+            await self.alerts.tick(all_rules=True)
+        except Exception as exc:
+            event(log, "alert.tick_failed", logging.WARNING, error=repr(exc))
 
     async def _wait_for(self, timeout: float | None, *, wake: bool) -> None:
         """Until an attempt ends, stop() is called, (with `wake`) a NOTIFY, or the timeout."""
@@ -313,6 +333,7 @@ class Worker:
 
     async def _heartbeat(self) -> None:
         while True:
+            self.metrics.heartbeat()
             await asyncio.sleep(self.heartbeat_interval)
             ids = list(self._inflight)
             if not ids:
@@ -333,8 +354,16 @@ class Worker:
             await self._release_cut_off(item)
             raise
         decision = await self._record(item, result, started)
+        self._count(item, result, decision)
         if decision is not None and decision.applied:
             self._log_outcome(item, result, decision)
+
+    def _count(self, item: Claimed, result: AttemptResult, decision: Decision | None) -> None:
+        """Every attempt by outcome and reply class; a recorded delivery's latency."""
+        self.metrics.attempts.labels(result.outcome, reply_class(reply_fields(result).code)).inc()
+        if decision is not None and decision.applied and decision.status == "delivered":
+            latency = (self.outbox.clock() - item.created_at).total_seconds()
+            self.metrics.latency.observe(max(0.0, latency))
 
     async def _sign_and_deliver(self, item: Claimed) -> AttemptResult:
         result = await sign_and_deliver(
@@ -450,6 +479,7 @@ class Worker:
 
 
 Startup = Callable[[Any], Awaitable[None]]
+Rules = Callable[[Any], Sequence[Rule]]
 
 
 def run_worker(
@@ -458,15 +488,23 @@ def run_worker(
     once: bool = False,
     outbox: Outbox | None = None,
     startup: Startup | None = None,
+    rules: Rules | None = None,
 ) -> None:
     """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish.
 
     `startup(resolver)` runs in the background while delivery starts (the CLI passes the
     doctor's checks, logged); `--once` (cron, tests) skips it, so a run every minute neither
-    repeats them nor waits for their DNS lookups."""
+    repeats them nor waits for their DNS lookups. `rules(resolver)` are alert rules beside
+    `relay.alerts.default_rules` (the CLI passes the daily DKIM check)."""
     store = outbox or Outbox.from_settings(settings)
     resolver = make_resolver(settings)
-    worker = Worker(store, settings, resolver=resolver)
+    metrics = Metrics()
+    extra = list(rules(resolver)) if rules is not None else []
+    dispatcher = Dispatcher(
+        store, settings, rules=[*default_rules(settings), *extra], metrics=metrics
+    )
+    worker = Worker(store, settings, resolver=resolver, metrics=metrics, alerts=dispatcher)
+    server = serve_metrics(settings, worker)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -487,7 +525,24 @@ def run_worker(
     try:
         asyncio.run(main())
     finally:
+        if server is not None:
+            server.close()
         store.dispose()
+
+
+def serve_metrics(settings: Settings, worker: Worker) -> MetricsServer | None:
+    """RELAY_WORKER_METRICS_ADDRESS: the worker's metrics and the store's queue, over HTTP
+    to the bearer of RELAY_METRICS_TOKEN (config requires both together)."""
+    bind = settings.worker_metrics_bind
+    if bind is None or settings.metrics_token is None:
+        return None
+    collector = QueueCollector(worker.outbox)
+    app = metrics_app(
+        lambda: exposition(worker.metrics, [collector]), settings.metrics_token.get_secret_value()
+    )
+    server = MetricsServer(bind[0], bind[1], app)
+    event(log, "worker.metrics", address=f"{bind[0]}:{server.port}")
+    return server
 
 
 async def _guarded(checks: Awaitable[None]) -> None:

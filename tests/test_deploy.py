@@ -20,8 +20,9 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNITS = [
     "formrelay-web.service",
     "formrelay-worker.service",
-    "formrelay-queue-check.service",
-    "formrelay-queue-check.timer",
+    "formrelay-alerts.service",
+    "formrelay-alerts.timer",
+    "formrelay-alert@.service",
 ]
 INSTALL_BIN = "/opt/formrelay/venv/bin/"
 
@@ -55,11 +56,15 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
         (bindir / binary).chmod(0o755)
     units = tmp_path / "units"
     units.mkdir()
+    names = []
     for name in UNITS:
         text = (DEPLOY / "systemd" / name).read_text()
-        (units / name).write_text(text.replace(INSTALL_BIN, f"{bindir}/"))
+        # A template is verified as the instance OnFailure= makes of it.
+        instance = name.replace("@.", "@formrelay-worker.service.")
+        (units / instance).write_text(text.replace(INSTALL_BIN, f"{bindir}/"))
+        names.append(instance)
     result = subprocess.run(
-        [str(tool), "verify", *(str(units / n) for n in UNITS)],
+        [str(tool), "verify", *(str(units / n) for n in names)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -94,10 +99,53 @@ def test_worker_stops_gracefully() -> None:
     assert int(re.sub(r"\D", "", stop)) >= 30
 
 
-def test_queue_check_timer_runs_the_check() -> None:
-    service = _unit("formrelay-queue-check.service")["Service"]
-    assert f"ExecStart={INSTALL_BIN}relay queue-check --max-age 3600" in service
-    assert any(line.startswith("OnUnitActiveSec=") for line in _unit(UNITS[3])["Timer"])
+def test_alerts_timer_runs_the_check_every_minute() -> None:
+    service = _unit("formrelay-alerts.service")["Service"]
+    assert f"ExecStart={INSTALL_BIN}relay alerts check" in service
+    assert "OnUnitActiveSec=1min" in _unit("formrelay-alerts.timer")["Timer"]
+    alert = _unit("formrelay-alert@.service")["Service"]
+    assert f"ExecStart={INSTALL_BIN}relay alerts unit-failed %i" in alert
+
+
+@pytest.mark.parametrize(
+    "name", ["formrelay-web.service", "formrelay-worker.service", "formrelay-alerts.service"]
+)
+def test_every_unit_alerts_when_it_fails(name: str) -> None:
+    assert "OnFailure=formrelay-alert@%n.service" in _unit(name)["Unit"]
+    text = (DEPLOY / "systemd" / name).read_text()
+    assert "# OnFailure" not in text
+
+
+def test_prometheus_config_and_rules_name_real_metrics() -> None:
+    """The sample scrape config and alert rules parse, and every formrelay_ series they use
+    is one relay's /metrics exposes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from relay.metrics import Metrics, exposition
+    from relay.store.metrics import _families
+
+    metrics = Metrics()
+    metrics.submission("accepted", "ok")
+    metrics.attempts.labels("delivered", "2xx").inc()
+    metrics.latency.observe(1)
+    metrics.heartbeat()
+    body, _type = exposition(metrics)
+    names = {s.name for f in text_string_to_metric_families(body.decode()) for s in f.samples} | {
+        family.name for family in _families().values()
+    }
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    assert {job["job_name"] for job in scrape["scrape_configs"]} == {
+        "formrelay-web",
+        "formrelay-worker",
+    }
+    for job in scrape["scrape_configs"]:
+        assert job["authorization"]["type"] == "Bearer"
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "formrelay-alerts.yml").read_text())
+    used = set()
+    for rule in rules["groups"][0]["rules"]:
+        used |= set(re.findall(r"formrelay_[a-z_]+", rule["expr"]))
+    assert used
+    assert used <= names, used - names
 
 
 def test_nginx_site_passes_nginx_t(tmp_path: Path) -> None:
@@ -152,6 +200,11 @@ def test_nginx_site_sets_the_headers_the_app_trusts() -> None:
     site = (DEPLOY / "nginx" / "formrelay.conf").read_text()
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in site
     assert "$proxy_add_x_forwarded_for" not in site
+    # A client's own X-Forwarded-User (RELAY_ADMIN_TRUSTED_HEADER) never reaches the app.
+    for conf in (site, (DEPLOY / "nginx" / "compose.conf").read_text()):
+        assert conf.count("proxy_set_header X-Forwarded-For") == conf.count(
+            'proxy_set_header X-Forwarded-User "";'
+        )
     assert "proxy_set_header X-Forwarded-Proto $scheme;" in site
     cap = re.search(r"client_max_body_size (\d+)k;", site)
     assert cap is not None
@@ -172,8 +225,9 @@ def test_compose_file_is_consistent() -> None:
     assert services["web"]["deploy"]["replicas"] == 2
     assert services["worker"]["deploy"]["replicas"] == 2
     assert services["worker"]["command"] == ["relay", "worker"]
-    known = set(documented_variables())
-    for name in ("web", "worker", "migrate"):
+    assert services["alerts"]["command"] == ["relay", "alerts", "check", "--every", "60"]
+    known = set(documented_variables()) | {"PROMETHEUS_MULTIPROC_DIR"}
+    for name in ("web", "worker", "migrate", "alerts"):
         environment = services[name]["environment"]
         assert environment["RELAY_ENV"] == "production"
         assert environment["RELAY_DATABASE_URL"].startswith("postgresql+psycopg://")

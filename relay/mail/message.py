@@ -135,6 +135,7 @@ class BuiltMessage:
     recipient: str  # settings.support_address, never from the request
     envelope_from: str  # settings.envelope_sender
     subject: str  # the subject as sent, for the log
+    reply_to: str = ""  # the visitor's address, for the operator's search; "" for a notice
 
 
 # What sanitize_text removes, as one character class each (replacing a per-character
@@ -344,7 +345,47 @@ def build_message(
         recipient=settings.support_address,
         envelope_from=settings.envelope_sender,
         subject=subject,
+        reply_to=reply_to,
     )
+
+
+def build_notice(
+    settings: Settings,
+    *,
+    to: str,
+    subject: str,
+    text: str,
+    now: datetime | None = None,
+) -> BuiltMessage:
+    """A notice of ours to an operator (an alert to RELAY_ALERT_EMAIL): From and Reply-To our
+    own address, To the configured one, built and checked like every other message."""
+    subject = header_text(subject, SUBJECT_MAX) or NO_SUBJECT
+    site_name = header_text(settings.site_name, NAME_MAX) or settings.from_domain
+    message_id = make_message_id(settings)
+    moment = (now or datetime.now(UTC)).astimezone(UTC).replace(microsecond=0)
+    body = sanitize_text(text, max_length=MESSAGE_MAX, multiline=True)
+    try:
+        raw = _wire(
+            [
+                _header("From", Address(display_name=site_name, addr_spec=settings.from_address)),
+                _header("To", Address(addr_spec=to)),
+                _header("Reply-To", Address(addr_spec=settings.from_address)),
+                _header("Subject", subject),
+                _header("Date", format_datetime(moment)),
+                _header("Message-ID", message_id),
+                *_MIME_HEADERS,
+            ],
+            _qp_encode(body),
+        )
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MessageError(f"cannot build the notice: {exc}") from exc
+    expected = {
+        "From": (site_name, settings.from_address),
+        "To": ("", to),
+        "Reply-To": ("", settings.from_address),
+    }
+    verify_message(raw, expected, subject=subject, message_id=message_id, date=moment, body=body)
+    return BuiltMessage(message_id, raw, to, settings.envelope_sender, subject)
 
 
 def _squash(text: str) -> str:

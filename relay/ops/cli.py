@@ -139,6 +139,12 @@ def send(
         fail("relay send: " + "; ".join(exc.lines()))
     except RelayError as exc:  # the store cannot commit, the key cannot sign
         fail(f"relay send: {'' if now else 'not queued: '}{exc}")
+    if accepted.held_by:
+        click.echo(
+            f"held {accepted.id} {accepted.message_id} for review ({accepted.held_by}); "
+            f"`relay release {accepted.id}` sends it"
+        )
+        return
     click.echo(f"queued {accepted.id} {accepted.message_id}; `relay worker` delivers it")
 
 
@@ -166,12 +172,22 @@ def _duration(_ctx: click.Context, _param: click.Parameter, value: str | None) -
 @click.pass_context
 def worker(ctx: click.Context, once: bool) -> None:
     """Deliver queued mail (SIGTERM/SIGINT: finish what is in flight, then exit)."""
-    from relay.ops.doctor import startup_checks  # noqa: PLC0415 - asyncio and SMTP only here
+    from relay.alerts import DkimRule  # noqa: PLC0415 - asyncio and SMTP only here
+    from relay.ops.doctor import dkim_checks, startup_checks  # noqa: PLC0415
     from relay.worker import run_worker  # noqa: PLC0415
 
     settings = get_settings(ctx)
+
+    def rules(resolver: Any) -> list[Any]:
+        return [DkimRule(functools.partial(dkim_checks, settings, resolver=resolver))]
+
     try:
-        run_worker(settings, once=once, startup=functools.partial(startup_checks, settings))
+        run_worker(
+            settings,
+            once=once,
+            startup=functools.partial(startup_checks, settings),
+            rules=rules,
+        )
     except StoreError as exc:
         fail(f"relay worker: {exc}")
 
@@ -179,16 +195,37 @@ def worker(ctx: click.Context, once: bool) -> None:
 @main.command("log")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
 @click.option("--since", callback=_duration, help="Only messages newer than this (2h, 3d).")
-@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(1, 100000), default=None, help="At most (default 50).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.option("--csv", "as_csv", is_flag=True, help="CSV with a header (default: every message).")
 @click.pass_context
 def log_command(
-    ctx: click.Context, status: str | None, since: Any, limit: int, as_json: bool
+    ctx: click.Context,
+    *,
+    status: str | None,
+    since: Any,
+    limit: int | None,
+    as_json: bool,
+    as_csv: bool,
 ) -> None:
     """Messages, newest first: id, age, status, attempts, last reply, next try."""
+    from itertools import islice  # noqa: PLC0415
+
+    from relay.store.browse import LogFilter, walk  # noqa: PLC0415
+
+    if as_json and as_csv:
+        fail("relay log: --json or --csv, not both", code=2)
     store = _outbox(ctx)
+    if as_csv:
+        try:
+            rows_out = walk(store.browse, LogFilter(status=status, since=since))
+            for line in views.csv_lines(islice(rows_out, limit)):
+                click.echo(line, nl=False)
+        except StoreError as exc:
+            fail(f"relay log: {exc}")
+        return
     try:
-        rows = store.list_messages(status=status, since=since, limit=limit)
+        rows = store.list_messages(status=status, since=since, limit=limit or 50)
     except StoreError as exc:
         fail(f"relay log: {exc}")
     now = store.clock()
@@ -238,6 +275,20 @@ def retry(ctx: click.Context, message_id: str | None, all_failed: bool) -> None:
             fail(f"relay retry: {message_id} is {row.status}; only failed or deferred mail retries")
     except StoreError as exc:
         fail(f"relay retry: {exc}")
+
+
+@main.command("release")
+@click.argument("message_id", metavar="ID")
+@click.pass_context
+def release_command(ctx: click.Context, message_id: str) -> None:
+    """Send a message a hold rule kept for review (it is queued for delivery now)."""
+    store = _outbox(ctx)
+    try:
+        if not store.release_held(message_id):
+            fail(f"relay release: {message_id} is {store.get(message_id).status}, not held")
+    except StoreError as exc:
+        fail(f"relay release: {exc}")
+    click.echo(f"{message_id} released: queued for delivery")
 
 
 @main.command()
@@ -446,6 +497,120 @@ def dkim_keygen(
     if kind == "ed25519":
         click.echo("\n(Ed25519 signs in addition to the RSA key, which stays required.)")
     click.echo("\nWhen the record is published, check it with `relay doctor`.")
+
+
+# --- alerts --------------------------------------------------------------------------------
+
+
+@main.group()
+def alerts() -> None:
+    """Alerts: a failed message, a queue that waits, a DKIM key that changed, a failed unit."""
+
+
+def _dispatcher(ctx: click.Context) -> Any:
+    from relay.alerts import Dispatcher, default_rules  # noqa: PLC0415
+
+    settings = get_settings(ctx)
+    return Dispatcher(_outbox(ctx), settings, rules=default_rules(settings))
+
+
+@alerts.command("test")
+@click.pass_context
+def alerts_test(ctx: click.Context) -> None:
+    """Send a test alert on every channel now; exit 1 unless every one took it."""
+    import asyncio  # noqa: PLC0415
+
+    dispatcher = _dispatcher(ctx)
+    if not dispatcher.channels:
+        fail("relay alerts test: no channel: set RELAY_ALERT_WEBHOOK_URL or RELAY_ALERT_EMAIL", 2)
+    try:
+        lines = asyncio.run(dispatcher.test())
+    except StoreError as exc:
+        fail(f"relay alerts test: {exc}")
+    for line in lines:
+        click.echo(line)
+    if len(lines) != len(dispatcher.channels) or any("NOT sent" in line for line in lines):
+        sys.exit(1)
+
+
+@alerts.command("check")
+@click.option("--every", type=click.FloatRange(min=5), help="Keep checking, every N seconds.")
+@click.pass_context
+def alerts_check(ctx: click.Context, every: float | None) -> None:
+    """Evaluate the alert rules, group what they found and send what is due (the timer's
+    job; the workers do the same while they run). Exit 1 if the store cannot be read."""
+    import asyncio  # noqa: PLC0415
+
+    dispatcher = _dispatcher(ctx)
+
+    async def forever() -> None:
+        while True:
+            await dispatcher.tick()
+            await asyncio.sleep(every or 60)
+
+    try:
+        asyncio.run(forever() if every else dispatcher.tick(all_rules=True))
+    except StoreError as exc:
+        fail(f"relay alerts check: {exc}")
+    except KeyboardInterrupt:
+        return
+
+
+@alerts.command("unit-failed")
+@click.argument("unit")
+@click.pass_context
+def alerts_unit_failed(ctx: click.Context, unit: str) -> None:
+    """Alert that UNIT failed (systemd's OnFailure=formrelay-alert@%n.service). When the
+    store is down, the webhook is called directly, since that may be why UNIT failed."""
+    import asyncio  # noqa: PLC0415
+
+    from relay.alerts import UNIT_FAILED, Webhook  # noqa: PLC0415
+    from relay.store.alerts import AlertRow, NewEvent  # noqa: PLC0415
+
+    settings = get_settings(ctx)
+    text = f"{unit[:100]} failed; see `journalctl -u {unit[:100]}`"
+    dispatcher = _dispatcher(ctx)
+    try:
+        alert_id = dispatcher.store.alerts.create(
+            NewEvent(UNIT_FAILED, text, subject=unit[:64]), list(dispatcher.channels)
+        )
+        lines = asyncio.run(dispatcher.send_due(alert_id=alert_id))
+    except StoreError as exc:
+        if not settings.alert_webhook_url:
+            fail(f"relay alerts unit-failed: {exc}")
+        now = dispatcher.store.clock()
+        row = AlertRow(
+            0, UNIT_FAILED, 1, f"{text} (the store is unavailable: {exc})", {}, now, now, now
+        )
+        lines = asyncio.run(dispatcher.send_direct(Webhook(settings), row))
+    for line in lines:
+        click.echo(line)
+
+
+# --- admin ---------------------------------------------------------------------------------
+
+
+@main.group()
+def admin() -> None:
+    """The operator's console."""
+
+
+@admin.command("hash-password")
+def hash_password() -> None:
+    """Print an argon2 hash of a password for RELAY_ADMIN_USERS (user:hash).
+
+    On a terminal the password is asked for twice, hidden; from a pipe the first line is read.
+    Needs no configuration.
+    """
+    from argon2 import PasswordHasher  # noqa: PLC0415
+
+    if sys.stdin.isatty():
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 12:
+        fail("relay admin hash-password: use at least 12 characters", code=2)
+    click.echo(PasswordHasher().hash(password))
 
 
 # --- demo ----------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay import logs
+from relay.alerts import Dispatcher, default_rules
 from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.mail.signing import dkim_txt_record
-from relay.ops.doctor import run_checks
+from relay.ops.doctor import auth_verdicts, run_checks
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
 from relay.store.outbox import Outbox
@@ -66,6 +67,7 @@ VISITOR_DOMAIN = "customer.demo.test"
 SENDING_IP = "127.0.0.1"
 SELECTOR = "demo"
 RETRY_SECONDS = 3
+CONSOLE_USER = "demo"
 
 # What the demo form's "demo CAPTCHA" checkbox submits, and the response token hCaptcha's
 # published test site key hands out when its widget does load (docs.hcaptcha.com).
@@ -161,8 +163,10 @@ def demo_settings(
     smtp_port: int,
     base_url: str,
     shop_url: str | None = None,
+    console_password: str | None = None,
 ) -> Settings:
-    """The demo's Settings, validated like any other; nothing is read from the environment."""
+    """The demo's Settings, validated like any other; nothing is read from the environment.
+    With `console_password`, the console signs in user `demo` with it."""
     values = {
         "RELAY_ENV": "demo",
         "RELAY_SUPPORT_ADDRESS": f"help@{SUPPORT_DOMAIN}",
@@ -187,7 +191,12 @@ def demo_settings(
         "RELAY_HCAPTCHA_SITEKEY": HCAPTCHA_TEST_SITEKEY,
         "RELAY_HCAPTCHA_SECRET": HCAPTCHA_TEST_SECRET,
         "RELAY_ALLOWED_ORIGINS": ",".join(u for u in (base_url, shop_url) if u),
+        "RELAY_ALERT_GROUP_WINDOW": "5",
     }
+    if console_password:
+        from argon2 import PasswordHasher  # noqa: PLC0415
+
+        values["RELAY_ADMIN_USERS"] = f"{CONSOLE_USER}:{PasswordHasher().hash(console_password)}"
     return load_settings(values, env_file=None)
 
 
@@ -230,10 +239,16 @@ class Sandbox:
     outbox: Outbox
     worker: Worker
     env_file: Path
+    console_password: str = ""
 
     @property
     def form_url(self) -> str:
         return f"{self.base_url}/form"
+
+    @property
+    def console_url(self) -> str:
+        """On localhost: browsers keep the console's Secure cookie there without TLS."""
+        return self.base_url.replace("127.0.0.1", "localhost") + "/admin/"
 
 
 def _mx_host() -> str:
@@ -288,18 +303,22 @@ def sandbox(
         shop = make_server("127.0.0.1", 0, shop_page(base_url), threaded=True)
         stack.callback(shop.server_close)
         shop_url = f"http://127.0.0.1:{shop.server_port}"
+        console_password = secrets.token_urlsafe(12)
         settings = demo_settings(
             folder,
             dns_address=zone.address,
             smtp_port=mailbox.port,
             base_url=base_url,
             shop_url=shop_url,
+            console_password=console_password,
         )
         outbox = Outbox.from_settings(settings)
         outbox.upgrade()
         stack.callback(outbox.dispose)
 
-        app = create_app(settings, outbox=outbox, verifier=OfflineDemoVerifier(settings))
+        app = create_app(
+            settings, outbox=outbox, verifier=OfflineDemoVerifier(settings), checks=auth_verdicts
+        )
 
         @app.context_processor
         def demo_captcha() -> dict[str, Any]:
@@ -320,6 +339,7 @@ def sandbox(
             resolver=make_resolver(settings),
             poll_interval=0.2,
             shutdown_grace=5.0,
+            alerts=Dispatcher(outbox, settings, rules=default_rules(settings)),
         )
         runner = WorkerThread(worker)
         runner.start()
@@ -327,7 +347,18 @@ def sandbox(
 
         env_file = folder / "env"
         env_file.write_text(env_file_text(settings))
-        yield Sandbox(settings, zone, mailbox, web, base_url, shop_url, outbox, worker, env_file)
+        yield Sandbox(
+            settings,
+            zone,
+            mailbox,
+            web,
+            base_url,
+            shop_url,
+            outbox,
+            worker,
+            env_file,
+            console_password,
+        )
 
 
 def shop_page(base_url: str) -> Callable[[Any, Any], list[bytes]]:
@@ -414,6 +445,7 @@ def banner(box: Sandbox, folder: Path) -> str:
 formrelay demo: everything runs on 127.0.0.1 and stops with Ctrl-C.
 
   Form:        {box.form_url}
+  Console:     {box.console_url}  (user {CONSOLE_USER}, password {box.console_password})
                Use a visitor address at {VISITOR_DOMAIN} (the demo DNS knows only its own
                .test names). Without internet the hCaptcha widget cannot load: tick the
                "demo CAPTCHA" box instead (demo only; refused outside RELAY_ENV=demo).

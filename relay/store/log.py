@@ -1,5 +1,6 @@
-"""The log as the operator reads and acts on it: list, show, retry, purge, counts and the
-queue check. `Outbox` builds on it with the accept and delivery side."""
+"""The log as the operator reads and acts on it: list, browse, show, retry, purge, release
+and discard held messages, counts, the queue's state and the queue check. `Outbox` builds on
+it with the accept and delivery side."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 
 from relay.errors import MessageNotFound
 from relay.mail.attempt import HostTry
+from relay.store.browse import Cursor, LogFilter, Page, page_query, to_page
 from relay.store.engine import Database, replayed
 from relay.store.notify import notify
 from relay.store.records import (
@@ -17,10 +19,18 @@ from relay.store.records import (
     MessageDetail,
     MessageRow,
     QueueHealth,
+    QueueStats,
     message_row,
 )
 from relay.store.retry import human_age
-from relay.store.schema import PENDING_STATUSES, attempt_hosts, attempts, messages
+from relay.store.schema import (
+    DUE_STATUSES,
+    FINISHED_STATUSES,
+    PENDING_STATUSES,
+    attempt_hosts,
+    attempts,
+    messages,
+)
 
 
 class MessageLog(Database):
@@ -43,6 +53,13 @@ class MessageLog(Database):
             query = query.where(m.created_at >= self.clock() - since)
         with self.tx() as conn:
             return [message_row(row) for row in conn.execute(query).all()]
+
+    @replayed
+    def browse(self, log_filter: LogFilter, after: Cursor | None = None, limit: int = 50) -> Page:
+        """One keyset page of the log, newest first (see relay.store.browse)."""
+        query = page_query(log_filter, self.clock(), after, limit + 1)
+        with self.tx() as conn:
+            return to_page(conn.execute(query).all(), limit)
 
     @replayed
     def get(self, outbox_id: str) -> MessageRow:
@@ -123,22 +140,108 @@ class MessageLog(Database):
         )
 
     @replayed
+    def retryable_failed(self) -> int:
+        """How many failed messages `retry_failed` would make due (those with a body)."""
+        m = messages.c
+        with self.tx() as conn:
+            query = sa.select(sa.func.count()).where(m.status == "failed", m.body.is_not(None))
+            return int(conn.execute(query).scalar_one())
+
+    def _purgeable(self, older_than: timedelta) -> list[sa.ColumnElement[bool]]:
+        m = messages.c
+        return [
+            m.status.in_(FINISHED_STATUSES),
+            m.created_at < self.clock() - older_than,
+            m.body.is_not(None),
+        ]
+
+    @replayed
     def purge(self, older_than: timedelta) -> int:
         """Drop the bodies of delivered and failed messages older than that; keep the log."""
-        now = self.clock()
-        m = messages.c
         with self.tx() as conn:
             return int(
                 conn.execute(
                     messages.update()
-                    .where(
-                        m.status.in_(("delivered", "failed")),
-                        m.created_at < now - older_than,
-                        m.body.is_not(None),
-                    )
-                    .values(body=None, purged_at=now)
+                    .where(*self._purgeable(older_than))
+                    .values(body=None, purged_at=self.clock())
                 ).rowcount
             )
+
+    @replayed
+    def purgeable(self, older_than: timedelta) -> int:
+        """How many bodies `purge(older_than)` would drop now."""
+        with self.tx() as conn:
+            query = sa.select(sa.func.count()).where(*self._purgeable(older_than))
+            return int(conn.execute(query).scalar_one())
+
+    @replayed
+    def purge_message(self, outbox_id: str) -> bool:
+        """Drop one delivered or failed message's body; False if it is in another state or
+        its body is gone already."""
+        m = messages.c
+        with self.tx() as conn:
+            if conn.execute(sa.select(m.id).where(m.id == outbox_id)).first() is None:
+                raise MessageNotFound(outbox_id)
+            changed = conn.execute(
+                messages.update()
+                .where(m.id == outbox_id, m.status.in_(FINISHED_STATUSES), m.body.is_not(None))
+                .values(body=None, purged_at=self.clock())
+            ).rowcount
+            return bool(changed)
+
+    # --- held for review ---
+
+    @replayed
+    def release_held(self, outbox_id: str) -> bool:
+        """Queue a held message for delivery now; False if it is not held."""
+        m = messages.c
+        now = self.clock()
+        with self.tx() as conn:
+            if conn.execute(sa.select(m.id).where(m.id == outbox_id)).first() is None:
+                raise MessageNotFound(outbox_id)
+            changed = conn.execute(
+                messages.update()
+                .where(m.id == outbox_id, m.status == "held")
+                .values(status="queued", next_attempt_at=now)
+            ).rowcount
+            notify(conn)
+            return bool(changed)
+
+    @replayed
+    def discard_held(self, outbox_id: str) -> bool:
+        """Delete a held message (it was spam): no body, no row; False if it is not held."""
+        m = messages.c
+        with self.tx() as conn:
+            if conn.execute(sa.select(m.id).where(m.id == outbox_id)).first() is None:
+                raise MessageNotFound(outbox_id)
+            changed = conn.execute(
+                messages.delete().where(m.id == outbox_id, m.status == "held")
+            ).rowcount
+            return bool(changed)
+
+    # --- the queue ---
+
+    @replayed
+    def queue_stats(self) -> QueueStats:
+        """Counts by status, how many are due now, and the oldest pending message."""
+        now = self.clock()
+        m = messages.c
+        with self.tx() as conn:
+            counts = {
+                status: int(count)
+                for status, count in conn.execute(
+                    sa.select(m.status, sa.func.count()).group_by(m.status)
+                ).all()
+            }
+            due = conn.execute(
+                sa.select(sa.func.count()).where(
+                    m.status.in_(DUE_STATUSES), m.next_attempt_at <= now, m.body.is_not(None)
+                )
+            ).scalar_one()
+            oldest = conn.execute(
+                sa.select(sa.func.min(m.created_at)).where(m.status.in_(PENDING_STATUSES))
+            ).scalar()
+        return QueueStats(counts, int(due), oldest, now)
 
     @replayed
     def counts(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Connection
 from relay.config import Settings
 from relay.logs import event as log_event
 from relay.mail.attempt import format_reply, reply_fields
+from relay.store.alerts import AlertStore, add_failure_event
 from relay.store.engine import SQLITE_BUSY_TIMEOUT, replayed, utcnow
 from relay.store.group_commit import GroupCommit
 from relay.store.log import MessageLog
@@ -81,6 +82,7 @@ class Outbox(MessageLog):
     ) -> None:
         super().__init__(url, clock=clock, auto_migrate=auto_migrate, busy_timeout=busy_timeout)
         self._enqueue = GroupCommit(self, _insert_messages)
+        self.alerts = AlertStore(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Outbox:
@@ -88,8 +90,16 @@ class Outbox(MessageLog):
 
     # --- accept path ---
 
-    def enqueue(self, built: BuiltLike, *, metadata: Mapping[str, str] | None = None) -> str:
-        """Store an unsigned message, due now; returns its outbox id only after the commit."""
+    def enqueue(
+        self,
+        built: BuiltLike,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        held_by: str | None = None,
+        purpose: str = "form",
+    ) -> str:
+        """Store an unsigned message, due now (or, `held_by` a hold rule, held for the
+        operator's review); returns its outbox id only after the commit."""
         now = self.clock()
         outbox_id = new_id()
         self._enqueue.write(
@@ -102,11 +112,14 @@ class Outbox(MessageLog):
                 "envelope_from": built.envelope_from,
                 "subject": built.subject,
                 "meta": dict(metadata or {}),
-                "status": "queued",
+                "status": "held" if held_by else "queued",
                 "attempts": 0,
                 "created_at": now,
-                "next_attempt_at": now,
+                "next_attempt_at": None if held_by else now,
                 "possible_duplicate": False,
+                "held_by": held_by,
+                "visitor": getattr(built, "reply_to", None) or None,
+                "purpose": purpose,
             }
         )
         return outbox_id
@@ -211,6 +224,10 @@ class Outbox(MessageLog):
         interrupted = {"attempts": number, "possible_duplicate": True, "last_attempt_at": now}
         update = messages.update().where(messages.c.id == row.id)
         if give_up is not None and (now - row.created_at).total_seconds() >= give_up:
+            reason = (
+                f"gave up after {number} attempts over {human_age(now - row.created_at)}: "
+                "the last one was interrupted (worker killed or stalled)"
+            )
             conn.execute(
                 update.values(
                     **interrupted,
@@ -219,11 +236,10 @@ class Outbox(MessageLog):
                     next_attempt_at=None,
                     lease_owner=None,
                     lease_expires_at=None,
-                    failure_reason=f"gave up after {number} attempts over "
-                    f"{human_age(now - row.created_at)}: the last one was "
-                    "interrupted (worker killed or stalled)",
+                    failure_reason=reason,
                 )
             )
+            add_failure_event(conn, row.id, reason, now)
             return None
         conn.execute(update.values(**lease, **interrupted))
         return number + 1
@@ -345,13 +361,14 @@ class Outbox(MessageLog):
         decisions = [_decision(item, row, policy) for item, row in zip(finished, rows, strict=True)]
         with self.tx() as conn:
             self._insert_attempts(conn, finished, rows)
-            lost = [
-                index
-                for index, (item, decision, row) in enumerate(
-                    zip(finished, decisions, rows, strict=True)
-                )
-                if not self._move_on(conn, item, decision, row, owner)
-            ]
+            lost = []
+            for index, (item, decision, row) in enumerate(
+                zip(finished, decisions, rows, strict=True)
+            ):
+                if not self._move_on(conn, item, decision, row, owner):
+                    lost.append(index)
+                elif decision.status == "failed":
+                    add_failure_event(conn, item.claimed.id, decision.reason or "failed", now)
         for index in lost:
             decisions[index] = dataclasses.replace(decisions[index], applied=False)
             log_event(

@@ -64,6 +64,9 @@ class MessageRow:
     possible_duplicate: bool
     failure_reason: str | None
     purged_at: datetime | None
+    held_by: str | None = None
+    visitor: str | None = None
+    purpose: str = "form"
 
     @property
     def last_reply(self) -> str:
@@ -97,6 +100,23 @@ class MessageDetail:
     message: MessageRow
     body: bytes | None
     attempts: tuple[AttemptRecord, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """The queue at one moment, from the store: what any node reports alike."""
+
+    counts: dict[str, int]
+    due: int  # queued or deferred whose time has come (and expired leases)
+    oldest_pending_at: datetime | None  # the oldest message not delivered, failed or held
+    at: datetime
+
+    @property
+    def oldest_age(self) -> float:
+        """Seconds the oldest pending message has waited; 0 when nothing is pending."""
+        if self.oldest_pending_at is None:
+            return 0.0
+        return max(0.0, (self.at - self.oldest_pending_at).total_seconds())
 
 
 @dataclass(frozen=True)

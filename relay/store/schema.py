@@ -1,7 +1,13 @@
 """The outbox's tables, as SQLAlchemy Core metadata (Alembic migrations create them).
 
 While a message is `sending`, `next_attempt_at` holds its lease expiry, so a message whose
-worker died becomes due again through the same (status, next_attempt_at) index.
+worker died becomes due again through the same (status, next_attempt_at) index. A `held`
+message matched an operator's hold rule (`held_by`): stored, never claimed, until the
+operator releases or discards it.
+
+`alert_events` are what happened (a message failed, one waited too long); the dispatcher
+groups the events of one kind into one `alerts` row and sends it on every channel, one
+`alert_deliveries` row each, retried with backoff.
 """
 
 from __future__ import annotations
@@ -11,10 +17,14 @@ from typing import Literal
 
 import sqlalchemy as sa
 
-Status = Literal["queued", "sending", "deferred", "delivered", "failed"]
-STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed")
+Status = Literal["queued", "sending", "deferred", "delivered", "failed", "held"]
+STATUSES: tuple[str, ...] = ("queued", "sending", "deferred", "delivered", "failed", "held")
 DUE_STATUSES = ("queued", "deferred", "sending")  # claimable once next_attempt_at has passed
 PENDING_STATUSES = ("queued", "sending", "deferred")  # not delivered and not failed yet
+FINISHED_STATUSES = ("delivered", "failed")  # whose bodies `purge` may drop
+# messages.purpose: a visitor's submission, or an alert mailed to RELAY_ALERT_EMAIL (which
+# never raises alerts of its own, so a failing alert address cannot feed itself).
+PURPOSES = ("form", "alert")
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):
@@ -68,8 +78,13 @@ messages = sa.Table(
     sa.Column("possible_duplicate", sa.Boolean, nullable=False),
     sa.Column("failure_reason", sa.Text, nullable=True),
     sa.Column("purged_at", _ts, nullable=True),
+    sa.Column("held_by", sa.Text, nullable=True),  # the hold rule that matched
+    sa.Column("visitor", sa.String(320), nullable=True),  # Reply-To, for the console's search
+    sa.Column("purpose", sa.String(16), nullable=False, server_default="form"),
     sa.Index("ix_messages_due", "status", "next_attempt_at"),
-    sa.Index("ix_messages_created", "created_at"),
+    # The console's log, newest first by keyset (created_at, id): all of it, or one status.
+    sa.Index("ix_messages_created_id", "created_at", "id"),
+    sa.Index("ix_messages_status_created", "status", "created_at", "id"),
 )
 
 attempts = sa.Table(
@@ -113,4 +128,51 @@ attempt_hosts = sa.Table(
     sa.Column("duration", sa.Float, nullable=False),
     sa.Column("started_at", _ts, nullable=True),
     sa.Index("ix_attempt_hosts_attempt_id", "attempt_id", "position"),
+)
+
+alert_events = sa.Table(
+    "alert_events",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("subject", sa.String(64), nullable=True),  # a message id, a DKIM selector
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("fields", sa.JSON, nullable=False),
+    sa.Column("created_at", _ts, nullable=False),
+    sa.Column(
+        "alert_id", sa.Integer, sa.ForeignKey("alerts.id", ondelete="SET NULL"), nullable=True
+    ),
+    sa.Index("ix_alert_events_open", "alert_id", "kind", "created_at"),
+    sa.Index("ix_alert_events_subject", "kind", "subject"),
+)
+
+alerts = sa.Table(
+    "alerts",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("count", sa.Integer, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("fields", sa.JSON, nullable=False),
+    sa.Column("first_at", _ts, nullable=False),
+    sa.Column("last_at", _ts, nullable=False),
+    sa.Column("created_at", _ts, nullable=False),
+    sa.Index("ix_alerts_created", "created_at"),
+)
+
+alert_deliveries = sa.Table(
+    "alert_deliveries",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "alert_id", sa.Integer, sa.ForeignKey("alerts.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("channel", sa.String(16), nullable=False),  # webhook, email
+    sa.Column("status", sa.String(16), nullable=False),  # pending, sending, sent, failed
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", _ts, nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("sent_at", _ts, nullable=True),
+    sa.Index("ix_alert_deliveries_due", "status", "next_attempt_at"),
+    sa.Index("ix_alert_deliveries_alert", "alert_id"),
 )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import email.policy
+import io
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from email.parser import BytesHeaderParser
 from typing import Any
@@ -28,6 +30,8 @@ def parse_duration(text: str) -> timedelta:
 def next_try(row: MessageRow, now: datetime) -> str:
     if row.status == "sending":
         return "sending"
+    if row.status == "held":
+        return "held"
     if row.status not in ("queued", "deferred") or row.next_attempt_at is None:
         return "-"
     wait = row.next_attempt_at - now
@@ -79,7 +83,57 @@ def log_record(row: MessageRow, now: datetime) -> dict[str, Any]:
         "possible_duplicate": row.possible_duplicate,
         "failure_reason": row.failure_reason,
         "subject": row.subject,
+        "held_by": row.held_by,
     }
+
+
+CSV_COLUMNS = (
+    "id",
+    "created_at",
+    "status",
+    "attempts",
+    "subject",
+    "visitor",
+    "message_id",
+    "last_code",
+    "last_enhanced_status",
+    "last_mx",
+    "last_text",
+    "next_attempt_at",
+    "finished_at",
+    "possible_duplicate",
+    "failure_reason",
+    "held_by",
+    "purpose",
+)
+# A cell a spreadsheet would run as a formula (OWASP's CSV injection): visitors write subjects.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
+def csv_lines(rows: Iterable[MessageRow]) -> Iterator[str]:
+    """The log as CSV (RFC 4180, CRLF), a header line first: `relay log --csv` and the
+    console's export. Text that a spreadsheet would evaluate is prefixed with a quote."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+
+    def line(values: Sequence[Any]) -> str:
+        buffer.seek(0)
+        buffer.truncate()
+        writer.writerow(values)
+        return buffer.getvalue()
+
+    yield line(CSV_COLUMNS)
+    for row in rows:
+        yield line([_cell(getattr(row, name)) for name in CSV_COLUMNS])
 
 
 def message_headers(body: bytes | None) -> list[tuple[str, str]]:
@@ -135,6 +189,8 @@ def detail_text(detail: MessageDetail, now: datetime) -> str:
         lines.append(f"last reply:     {m.last_reply}")
     if m.failure_reason:
         lines.append(f"failure:        {m.failure_reason}")
+    if m.held_by:
+        lines.append(f"held by:        {m.held_by} (`relay release {m.id}` sends it)")
     for key, value in sorted(m.meta.items()):
         lines.append(f"meta {key}: {value}")
     lines.append("")

@@ -1,5 +1,5 @@
 """One accept pipeline, for `POST /form` and `relay send`: validate → CAPTCHA (the web's
-only) → build → enqueue.
+only) → build → hold → enqueue.
 
 Each step that refuses raises `Refused` with the visitor's errors by field, so the form and
 the command report the same problems in the same words; a store that cannot commit raises
@@ -17,6 +17,7 @@ from flask_babel import lazy_gettext as _l
 
 from relay.config import Settings
 from relay.errors import CaptchaError, MessageError
+from relay.holdrules import held_by
 from relay.mail.message import BuiltMessage, Submission, build_message
 from relay.store.outbox import Outbox
 from relay.web import forms
@@ -46,6 +47,7 @@ class Refused(Exception):
 class Accepted:
     id: str
     message_id: str
+    held_by: str | None = None  # the hold rule that matched: stored, not sent
 
 
 def prepare(
@@ -106,10 +108,18 @@ def accept(
         errors=errors,
         captcha=captcha,
     )
+    held = hold(data, settings)
     outbox_id = outbox.enqueue(
-        built, metadata=log_metadata if log_metadata is not None else metadata
+        built, metadata=log_metadata if log_metadata is not None else metadata, held_by=held
     )
-    return Accepted(str(outbox_id), built.message_id)
+    return Accepted(str(outbox_id), built.message_id, held)
+
+
+def hold(data: Mapping[str, str], settings: Settings) -> str | None:
+    """The operator's hold rules (RELAY_HOLD_RULES_FILE): the first one the submission
+    matches, or None. A held submission is accepted like any other, so the visitor (or
+    bot) sees the normal success."""
+    return held_by(settings.hold_rules, data) if settings.hold_rules is not None else None
 
 
 def captcha_message(exc: CaptchaError) -> str:

@@ -19,8 +19,9 @@ from relay import logs
 from relay.config import Settings, hcaptcha_keys, load_settings
 from relay.logs import event
 from relay.mail.mx import make_resolver
+from relay.metrics import Metrics
 from relay.store.outbox import Outbox
-from relay.web import forms
+from relay.web import console, forms
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
     everyone,
@@ -31,7 +32,7 @@ from relay.web.handlers import (
 )
 from relay.web.origins import origin_of
 from relay.web.pages import STATIC, TEMPLATES, TRANSLATIONS, select_locale
-from relay.web.state import WebState
+from relay.web.state import Checks, WebState
 from relay.web.views import bp
 
 log = logging.getLogger("relay.web")
@@ -43,8 +44,10 @@ def create_app(
     outbox: Any = None,
     resolver: Any = None,
     verifier: Verifier | None = None,
+    checks: Checks | None = None,
 ) -> Flask:
-    """Build the app; `outbox`, `resolver` and `verifier` are seams (None: the real one)."""
+    """Build the app; `outbox`, `resolver` and `verifier` are seams (None: the real one);
+    `checks` gives the console the doctor's verdict (None: the console says it has none)."""
     if settings is None:
         settings = _settings_from_environment()
     sitekey, _secret = hcaptcha_keys(settings)  # ConfigError for test keys outside development
@@ -77,10 +80,13 @@ def create_app(
         allowed_origins=frozenset(settings.allowed_origins),
         public_origin=origin_of(settings.public_url) if settings.public_url else None,
         limiter=_limiter(app, settings),
+        metrics=Metrics(),
+        checks=checks,
     )
 
     Babel(app, locale_selector=select_locale)
     app.register_blueprint(bp)
+    console.register(app, app.extensions["formrelay"])
     app.register_error_handler(HTTPException, handle_http_error)
     app.register_error_handler(Exception, handle_unexpected)
     app.after_request(security_headers)

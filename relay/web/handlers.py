@@ -14,6 +14,7 @@ from werkzeug.exceptions import HTTPException
 
 from relay.logs import event
 from relay.web import forms
+from relay.web.console import console_headers, is_console_path
 from relay.web.origins import origin_of
 from relay.web.pages import _, csp_nonce, json_errors, render_form, render_message_page, wants_json
 from relay.web.state import state
@@ -51,6 +52,8 @@ def handle_http_error(exc: HTTPException) -> Response:
     if code == 429:
         headers["Retry-After"] = str(retry_after_seconds(exc))
         event(log, "form.rate_limited", ip=request.remote_addr, limit=exc.description)
+    if code in (413, 429) and request.method == "POST" and request.path == "/form":
+        state().metrics.submission("refused", "rate_limited" if code == 429 else "too_large")
     if wants_json():
         response = json_errors({"form": [text]}, code)
     elif code == 429 and request.method == "POST" and request.path == "/form":
@@ -88,7 +91,9 @@ def retry_after_seconds(exc: HTTPException) -> int:
 
 def security_headers(response: Response) -> Response:
     """CSP with a per-request nonce, nosniff, Referrer-Policy, HSTS behind HTTPS only; CORS
-    for allowed origins on the JSON API."""
+    for allowed origins on the JSON API. The console has its own (console_headers)."""
+    if is_console_path(request.path):
+        return console_headers(response)
     web = state()
     ancestors = " ".join(["'self'", *sorted(web.allowed_origins)])
     form_action = "'self'"

@@ -9,6 +9,7 @@ from typing import Any
 from flask import (
     Blueprint,
     Response,
+    abort,
     jsonify,
     make_response,
     redirect,
@@ -19,6 +20,8 @@ from flask import (
 
 from relay.errors import CaptchaError, StoreUnavailable
 from relay.logs import event
+from relay.metrics import authorized, exposition
+from relay.store.metrics import QueueCollector
 from relay.store.outbox import new_id
 from relay.web import forms
 from relay.web.accept import Refused, accept
@@ -56,6 +59,24 @@ def healthz() -> Response:
         response.headers["Retry-After"] = str(STORE_RETRY_AFTER)
         return response
     return jsonify({"status": "ok", "store": "ok"})
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    """Prometheus text format to the bearer of RELAY_METRICS_TOKEN; without one, no page."""
+    web = state()
+    if web.settings.metrics_token is None:
+        abort(404)
+    token = web.settings.metrics_token.get_secret_value()
+    if not authorized(request.headers.get("Authorization"), token):
+        response = make_response("unauthorized\n", 401)
+        response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        response.mimetype = "text/plain"
+        return response
+    body, content_type = exposition(web.metrics, [QueueCollector(web.outbox)])
+    response = make_response(body, 200)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 @bp.get("/thanks")
@@ -100,6 +121,7 @@ bp.add_url_rule(
 
 
 def refused() -> Response:
+    state().metrics.submission("refused", "origin")
     event(
         log,
         "form.origin_refused",
@@ -119,14 +141,15 @@ def submit() -> Response:
     as_json = wants_json()
     parsed = read_request()
     form = forms.ContactForm(formdata=parsed.data)
+    web = state()
     if "form" in parsed.errors:
+        web.metrics.submission("refused", "invalid")
         return invalid(form, parsed.errors, as_json)
 
     if parsed.data.get(forms.HONEYPOT, "").strip():
+        web.metrics.submission("refused", "honeypot")
         event(log, "form.honeypot", ip=request.remote_addr, origin=request_origin() or "-")
         return success(new_id(), as_json)
-
-    web = state()
 
     def captcha() -> None:
         web.verifier.verify(
@@ -146,9 +169,11 @@ def submit() -> Response:
             captcha=captcha,
         )
     except Refused as exc:
+        web.metrics.submission("refused", exc.step)
         log_refusal(exc)
         return invalid(form, exc.errors, as_json)
     except StoreUnavailable as exc:
+        web.metrics.submission("refused", "store_unavailable")
         event(log, "form.store_unavailable", logging.ERROR, error=str(exc))
         text = _("We could not accept your message just now. Please try again in a minute.")
         headers = {"Retry-After": str(STORE_RETRY_AFTER)}
@@ -157,11 +182,16 @@ def submit() -> Response:
             response.headers.update(headers)
             return response
         return render_form(form, status=503, banner=text, headers=headers)
+    if accepted.held_by:
+        web.metrics.submission("held", accepted.held_by.partition(":")[0])
+    else:
+        web.metrics.submission("accepted", "ok")
     event(
         log,
-        "form.accepted",
+        "form.held" if accepted.held_by else "form.accepted",
         id=accepted.id,
         message_id=accepted.message_id,
+        rule=accepted.held_by,
         ip=request.remote_addr,
         lang=select_locale(),
         embed=is_embed(),

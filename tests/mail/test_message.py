@@ -29,6 +29,7 @@ from relay.mail.message import (
     BuiltMessage,
     Submission,
     build_message,
+    build_notice,
     check_lines,
     header_text,
     make_message_id,
@@ -111,6 +112,7 @@ def test_header_set_order_and_values(cfg: Settings) -> None:
         recipient="help@support.test",
         envelope_from=cfg.envelope_sender,
         subject="Where is my order?",
+        reply_to="jane@visitor.test",
     )
 
 
@@ -604,3 +606,24 @@ def test_wire_writer_is_byte_identical_to_the_generator(
         return
     wire = message_module._wire([message_module._header(n, v) for n, v in headers], payload)
     assert wire == expected
+
+
+def test_a_notice_to_the_operator_is_ours_through_and_through(cfg: Settings) -> None:
+    """An alert mail: From and Reply-To our address, To the operator's, the header set
+    checked like a submission's, hostile text in the subject made harmless."""
+    notice = build_notice(
+        cfg,
+        to="ops@support.test",
+        subject="[formrelay] 2 failed\r\nBcc: x@evil.test =?utf-8?q?x?=",
+        text="Line one\nLine two",
+    )
+    parsed = email.message_from_bytes(notice.raw, policy=email.policy.default)
+    assert list(parsed.keys()) == list(HEADER_SET)
+    assert parsed["To"] == "ops@support.test"
+    assert parsed["Reply-To"] == cfg.from_address
+    assert cfg.from_address in parsed["From"]
+    assert "Bcc" not in parsed
+    assert "\n" not in str(parsed["Subject"])
+    assert parsed.get_content().replace("\r\n", "\n") == "Line one\nLine two\n"
+    assert (notice.recipient, notice.reply_to) == ("ops@support.test", "")
+    check_lines(notice.raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -91,12 +92,15 @@ def test_interactive_demo_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     try:
         banner = ""
         deadline = time.monotonic() + 60
-        while "Form:" not in banner and time.monotonic() < deadline:
+        while "Console:" not in banner and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             banner += line
         assert "Form:        http://127.0.0.1:" in banner, banner
+        console = re.search(r"Console:\s+(\S+)\s+\(user demo, password (\S+)\)", banner)
+        assert console is not None, banner
+        _sign_in_to_the_console(console.group(1), console.group(2))
         proc.terminate()
         rest, _ = proc.communicate(timeout=30)
     finally:
@@ -105,6 +109,28 @@ def test_interactive_demo_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 0, banner + rest
     assert "stopped: worker, web, mailbox and DNS are down." in rest
+
+
+def _sign_in_to_the_console(url: str, password: str) -> None:
+    """The login the banner prints opens the console."""
+    import httpx
+
+    with httpx.Client(base_url=url.replace("localhost", "127.0.0.1"), timeout=10) as client:
+        page = client.get("login")
+        token = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+        assert token is not None, page.text
+        # httpx keeps Secure cookies only over https: carry the session cookie by hand.
+        cookie = page.headers["set-cookie"].split(";", 1)[0]
+        signed = client.post(
+            "login",
+            data={"csrf_token": token.group(1), "user": "demo", "password": password},
+            headers={"Cookie": cookie},
+        )
+        assert signed.status_code == 303, signed.text
+        session = signed.headers["set-cookie"].split(";", 1)[0]
+        log = client.get("", headers={"Cookie": session})
+        assert log.status_code == 200
+        assert "formrelay console" in log.text
 
 
 def test_demo_refuses_a_production_environment(tmp_path: Path) -> None:

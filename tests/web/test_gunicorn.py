@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.store.outbox import Outbox
 from tests.web.conftest import valid_form
@@ -22,6 +23,7 @@ from tests.web.conftest import valid_form
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 SUBMISSIONS = 16
+METRICS_TOKEN = "gunicorn-metrics-token-0123"
 
 
 def free_port() -> int:
@@ -51,7 +53,10 @@ def gunicorn(
         "RELAY_DATABASE_URL": postgres_url,
         "RELAY_RATE_LIMIT_STORAGE": redis_url,
         "RELAY_RATE_LIMIT": f"{SUBMISSIONS}/minute",
+        "RELAY_METRICS_TOKEN": METRICS_TOKEN,
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
     }
+    (tmp_path / "metrics").mkdir()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -149,3 +154,20 @@ def test_two_workers_accept_into_one_postgres_outbox(
         time.sleep(0.1)
     accepted_by = {pid for pid, _m, _u, status in posts if status == "202"}
     assert len(accepted_by) == 2, f"expected both workers to accept, got {accepted_by}"
+
+    # Multiprocess mode: whichever process answers /metrics counts both processes' accepts.
+    for _ in range(4):
+        scraped = httpx.get(
+            base + "/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10
+        )
+        assert scraped.status_code == 200
+        found = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(scraped.text)
+            for s in family.samples
+        }
+        accepted = (("reason", "ok"), ("result", "accepted"))
+        limited = (("reason", "rate_limited"), ("result", "refused"))
+        assert found[("formrelay_submissions_total", accepted)] == SUBMISSIONS
+        assert found[("formrelay_submissions_total", limited)] == 1
+        assert found[("formrelay_queue_messages", (("status", "queued"),))] == SUBMISSIONS

@@ -31,7 +31,7 @@ from typing import Any
 
 from relay.config import Settings
 from relay.logs import event
-from relay.mail.mx import Resolver
+from relay.mail.mx import Resolver, make_resolver
 from relay.ops.doctor.auth import (
     check_alignment,
     check_dkim,
@@ -56,6 +56,9 @@ __all__ = [
     "Check",
     "Status",
     "aligned",
+    "auth_checks",
+    "auth_verdicts",
+    "dkim_checks",
     "generic_ptr_reasons",
     "helpdesk_of",
     "log_checks",
@@ -94,16 +97,9 @@ async def run_checks(
 ) -> list[Check]:
     """Every check, in a stable order. `ip` None: detected (see `lookup.detect_sending_ip`).
     `database=False` leaves the store check out (a caller that has just migrated it)."""
-    loop = asyncio.get_running_loop()
-    sync_dns = SyncDNS(resolver, loop, timeout=settings.dns_timeout * 3 + 5)
+    sync_dns = _sync_dns(settings, resolver)
     sending, ip = await check_sending_ip(settings, resolver, ip)
-
-    signed: bytes | None = None
-    sign_error = ""
-    try:
-        signed = await asyncio.to_thread(sign_probe, settings)
-    except Exception as exc:  # any signer failure is reported, not raised
-        sign_error = f"{type(exc).__name__}: {exc}"
+    signed, sign_error = await _probe(settings)
 
     async def no_check() -> Check | None:
         return None
@@ -136,6 +132,55 @@ async def run_checks(
     if store is not None:
         checks.append(store)
     return checks
+
+
+def _sync_dns(settings: Settings, resolver: Resolver) -> SyncDNS:
+    loop = asyncio.get_running_loop()
+    return SyncDNS(resolver, loop, timeout=settings.dns_timeout * 3 + 5)
+
+
+async def _probe(settings: Settings) -> tuple[bytes | None, str]:
+    """The DKIM probe signed by our signer, or why it could not be."""
+    try:
+        return await asyncio.to_thread(sign_probe, settings), ""
+    except Exception as exc:  # any signer failure is reported, not raised
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+async def dkim_checks(settings: Settings, *, resolver: Resolver) -> list[Check]:
+    """One check per DKIM key: the worker's daily "is the key in DNS still ours" alert."""
+    sync_dns = _sync_dns(settings, resolver)
+    signed, sign_error = await _probe(settings)
+    return list(
+        await asyncio.gather(
+            *(
+                check_dkim(
+                    settings, resolver, key, sync_dns=sync_dns, signed=signed, sign_error=sign_error
+                )
+                for key in dkim_keys(settings)
+            )
+        )
+    )
+
+
+async def auth_checks(
+    settings: Settings, *, resolver: Resolver, ip: str | None = None
+) -> list[Check]:
+    """SPF, DKIM, DMARC and alignment alone: what the console shows beside a message."""
+    sync_dns = _sync_dns(settings, resolver)
+    _sending, ip = await check_sending_ip(settings, resolver, ip)
+    spf, dkims, (dmarc, tags) = await asyncio.gather(
+        check_spf(settings, resolver, ip, sync_dns),
+        dkim_checks(settings, resolver=resolver),
+        check_dmarc(settings, resolver),
+    )
+    return [spf, *dkims, dmarc, check_alignment(settings, tags)]
+
+
+def auth_verdicts(settings: Settings) -> list[Check]:
+    """`auth_checks` from synchronous code (the console's request thread): the composition
+    root (relay.create_app) hands this to the web app."""
+    return asyncio.run(auth_checks(settings, resolver=make_resolver(settings)))
 
 
 async def startup_checks(settings: Settings, resolver: Any) -> None:

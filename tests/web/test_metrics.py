@@ -1,0 +1,44 @@
+"""GET /metrics on the web app, parsed with prometheus_client's own parser: the token, the
+submissions by result and reason, and the queue gauges checked against the store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flask import Flask
+
+from relay.store.outbox import Outbox
+from relay.store.schema import STATUSES
+from tests.test_metrics import TOKEN, samples, value
+from tests.web.conftest import valid_form
+
+
+def test_web_metrics_need_the_token_and_match_the_store(
+    make_app: Callable[..., Flask], outbox: Outbox
+) -> None:
+    assert make_app().test_client().get("/metrics").status_code == 404  # no token: no page
+    client = make_app(RELAY_METRICS_TOKEN=TOKEN).test_client()
+    assert client.get("/metrics").status_code == 401
+    wrong = client.get("/metrics", headers={"Authorization": "Bearer " + "x" * 24})
+    assert wrong.status_code == 401
+    assert wrong.headers["WWW-Authenticate"].startswith("Bearer")
+    for _ in range(3):
+        assert client.post("/form", data=valid_form()).status_code == 303
+    assert client.post("/form", data=valid_form(email="nobody@")).status_code == 422
+    assert client.post("/form", data=valid_form(website="http://spam.test")).status_code == 303
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("text/plain; version=")
+    found = samples(response.get_data(as_text=True))
+    submissions = "formrelay_submissions_total"
+    assert value(found, submissions, result="accepted", reason="ok") == 3
+    assert value(found, submissions, result="refused", reason="invalid") == 1
+    assert value(found, submissions, result="refused", reason="honeypot") == 1
+    stats = outbox.queue_stats()
+    assert stats.counts == {"queued": 3}
+    for status in STATUSES:
+        assert value(found, "formrelay_queue_messages", status=status) == stats.counts.get(
+            status, 0
+        )
+    assert value(found, "formrelay_queue_due_messages") == 3
+    assert value(found, "formrelay_store_up") == 1
