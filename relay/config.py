@@ -144,6 +144,7 @@ class Settings(BaseModel):
     web_processes: int = Field(
         1, ge=1, description="Web processes sharing the limits; gunicorn.conf.py sets it"
     )
+    body_timeout: float = Field(10.0, gt=0, description="Seconds a request body may take")
     trusted_proxies: int = Field(0, ge=0, le=10, description="Proxy hops that set XFF")
     thanks_url: str | None = Field(None, description="Redirect after a successful submission")
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")

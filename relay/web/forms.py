@@ -58,8 +58,9 @@ def limits() -> dict[str, int]:
 
 
 def max_body_bytes() -> int:
-    """MAX_CONTENT_LENGTH: every field at its limit in the worst encoding (12 bytes a char
-    as percent-encoded UTF-8 or a JSON surrogate pair), plus room for the CAPTCHA token."""
+    """The form's body cap (relay.web.body.limit_for): every field at its limit in the worst
+    encoding (12 bytes a char as percent-encoded UTF-8 or a JSON surrogate pair), plus room
+    for the CAPTCHA token."""
     return 12 * sum(limits().values()) + 96 * 1024
 
 
