@@ -283,6 +283,21 @@ def test_a_body_is_exactly_what_was_announced(shipped: Server) -> None:
     assert [row.subject for row in queued(shipped.outbox)] == ["Announced"]
 
 
+def test_a_lone_surrogate_in_the_captcha_token_is_a_field_error(shipped: Server) -> None:
+    """Every field goes through the same text checks, the token included (it was a 500:
+    httpx cannot form-encode a lone surrogate for siteverify)."""
+    body = json.dumps(valid_form(**{"h-captcha-response": "\ud800"})).encode()
+    reply = post_raw(
+        shipped, head("application/json", length=len(body), accept="application/json") + body
+    )
+    assert reply.status == 400, reply.text
+    assert json.loads(reply.body) == {
+        "errors": {
+            "h-captcha-response": ["The CAPTCHA check failed or expired. Please complete it again."]
+        }
+    }
+
+
 # --- slow clients ---------------------------------------------------------------------------
 
 BODY_TIMEOUT = 10.0  # RELAY_BODY_TIMEOUT's default

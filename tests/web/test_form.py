@@ -245,7 +245,9 @@ def test_json_errors_are_keyed_by_field(client: FlaskClient, outbox: Outbox) -> 
     response = client.post("/form", json={"email": "not an address", "message": "x"})
     assert response.status_code == 400
     errors = response.get_json()["errors"]
-    assert set(errors) == {"name", "email", "subject"}
+    # The missing CAPTCHA is reported in the same round as the fields.
+    assert set(errors) == {"name", "email", "subject", "h-captcha-response"}
+    assert errors["h-captcha-response"] == ["Please complete the CAPTCHA."]
     assert errors["email"] == ["Please enter a valid email address, like name@example.com."]
     assert queued(outbox) == []
 
