@@ -1,19 +1,31 @@
 """Gunicorn settings for the formrelay web process (read with `gunicorn -c`).
 
 The web process only validates, checks the CAPTCHA and commits to the outbox; delivery is the
-worker's job, so requests are short and a few sync workers with threads are enough. Every
-value can be overridden from the environment without editing this file.
+worker's job, so requests are short and a few threaded workers are enough. Every value can be
+overridden from the environment without editing this file.
+
+Slow clients are nginx's job (deploy/nginx/formrelay.conf buffers every request and times
+out slow headers and bodies; measured in docs/security.md). Without it the app still ends
+every body read after RELAY_BODY_TIMEOUT, and gthread parks a connection that sends nothing
+for 5 s, but a client sending its headers slowly holds a thread: never face the internet
+with gunicorn alone.
 """
 
 import multiprocessing
 import os
 
 bind = os.environ.get("FORMRELAY_BIND", "127.0.0.1:8000")
-# On 2 cores the bench (bench/run --only accept) put 2 x 8, 3 x 4 and 4 x 4 within its
-# run-to-run noise of each other; each worker costs ~95 MB, and with memory:// rate limits
-# each keeps its own counts (use redis:// with more than one).
-workers = int(os.environ.get("FORMRELAY_WEB_WORKERS", min(4, multiprocessing.cpu_count() * 2)))
-threads = int(os.environ.get("FORMRELAY_WEB_THREADS", "4"))
+# memory:// rate limits (the default) count in each process, so the app refuses them with
+# more than one worker (RELAY_WEB_PROCESSES below); with redis:// every worker shares one
+# count. On 2 cores the bench (bench/run --only accept) put 2 x 8, 3 x 4 and 4 x 4 within its
+# run-to-run noise of each other; each worker costs ~95 MB.
+_shared_limits = not os.environ.get("RELAY_RATE_LIMIT_STORAGE", "memory://").startswith(
+    "memory://"
+)
+_default_workers = min(4, multiprocessing.cpu_count() * 2) if _shared_limits else 1
+workers = int(os.environ.get("FORMRELAY_WEB_WORKERS", _default_workers))
+# 16 request threads in all by default, however many processes share them.
+threads = int(os.environ.get("FORMRELAY_WEB_THREADS", max(4, 16 // workers)))
 worker_class = "gthread"
 # siteverify is bounded by RELAY_HCAPTCHA_TIMEOUT (5 s) and the visitor-domain check by
 # RELAY_DNS_TIMEOUT; 30 s leaves a wide margin without letting a stuck worker live forever.
@@ -54,3 +66,12 @@ def child_exit(server, worker):
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+# The app refuses memory:// rate limits when more than one process would keep its own count,
+# so it must know the count: exported for the master (`--check-config` loads the app there),
+# then again in each worker from the master's own number, which includes `-w` on the command
+# line and TTIN/TTOU.
+os.environ["RELAY_WEB_PROCESSES"] = str(workers)
+
+
+def post_fork(server, worker):  # noqa: ARG001 - gunicorn's hook signature
+    os.environ["RELAY_WEB_PROCESSES"] = str(server.num_workers)

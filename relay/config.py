@@ -139,7 +139,13 @@ class Settings(BaseModel):
     )
     rate_limit: str = Field("5/minute;30/hour", description="Per-client-IP POST limit")
     rate_limit_global: str = Field("600/minute", description="Ceiling over all clients")
-    rate_limit_storage: str = Field("memory://", description="memory:// or redis://...")
+    rate_limit_storage: str = Field(
+        "memory://", description="memory:// (one web process) or redis://..."
+    )
+    web_processes: int = Field(
+        1, ge=1, description="Web processes sharing the limits; gunicorn.conf.py sets it"
+    )
+    body_timeout: float = Field(10.0, gt=0, description="Seconds a request body may take")
     trusted_proxies: int = Field(0, ge=0, le=10, description="Proxy hops that set XFF")
     thanks_url: str | None = Field(None, description="Redirect after a successful submission")
     hold_rules_file: Path | None = Field(
@@ -539,6 +545,13 @@ def _check_delivery(s: Settings, problems: list[str]) -> None:
     ):
         problems.append(
             f"RELAY_RATE_LIMIT_STORAGE: {s.rate_limit_storage!r}: use memory:// or redis://host:port"
+        )
+    elif s.rate_limit_storage.startswith("memory://") and s.web_processes > 1:
+        problems.append(
+            f"RELAY_RATE_LIMIT_STORAGE: memory:// counts in each process, and "
+            f"RELAY_WEB_PROCESSES={s.web_processes} web processes would allow {s.web_processes} "
+            "times RELAY_RATE_LIMIT: use redis://host:6379/0, or one web process "
+            "(FORMRELAY_WEB_WORKERS=1 with deploy/gunicorn.conf.py)"
         )
 
 

@@ -132,6 +132,18 @@ def test_key_problems(base_env: dict[str, str], tmp_path: Path) -> None:
     assert any("RELAY_DKIM_ED25519_SELECTOR / RELAY_DKIM_ED25519_KEY_FILE" in p for p in half_ed)
 
 
+def test_memory_rate_limits_need_a_single_web_process(base_env: dict[str, str]) -> None:
+    """memory:// counts in each process: with N of them the limit would be N times the
+    documented one, so several processes need Redis (deploy/gunicorn.conf.py exports N)."""
+    several = {**base_env, "RELAY_WEB_PROCESSES": "4"}
+    [problem] = problems_of(several)
+    assert problem.startswith("RELAY_RATE_LIMIT_STORAGE: memory://")
+    assert "RELAY_WEB_PROCESSES=4" in problem
+    shared = {**several, "RELAY_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0"}
+    assert load_settings(shared, env_file=None).web_processes == 4
+    assert load_settings(base_env, env_file=None).web_processes == 1
+
+
 def test_pem_text_with_crlf_is_normalised(base_env: dict[str, str], rsa_key_file: Path) -> None:
     crlf = rsa_key_file.read_bytes().replace(b"\n", b"\r\n").decode()
     env = {k: v for k, v in base_env.items() if k != "RELAY_DKIM_PRIVATE_KEY_FILE"}

@@ -292,13 +292,26 @@ def test_the_package_carries_every_file_the_app_reads() -> None:
         )
 
 
-def test_gunicorn_config_loads_the_app(base_env: dict[str, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("storage", "workers", "loads"),
+    [
+        ("memory://", None, True),  # one worker by default with per-process limits
+        ("redis://127.0.0.1:6379/15", "2", True),
+        ("memory://", "2", False),  # two counts of the one limit: refused, by name
+    ],
+)
+def test_gunicorn_config_loads_the_app(
+    base_env: dict[str, str], tmp_path: Path, storage: str, workers: str | None, loads: bool
+) -> None:
     """`gunicorn --check-config` with deploy/gunicorn.conf.py imports relay:create_app()
-    under the environment the systemd unit gives it."""
+    under the environment the systemd unit gives it; the file tells the app how many
+    workers it runs (RELAY_WEB_PROCESSES), so memory:// limits with several are refused."""
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RELAY_", "FORMRELAY_"))}
     env.update(base_env)
-    env["FORMRELAY_WEB_WORKERS"] = "2"
+    env["RELAY_RATE_LIMIT_STORAGE"] = storage
+    if workers is not None:
+        env["FORMRELAY_WEB_WORKERS"] = workers
     result = subprocess.run(
         [
             str(gunicorn),
@@ -314,4 +327,9 @@ def test_gunicorn_config_loads_the_app(base_env: dict[str, str], tmp_path: Path)
         env=env,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    if loads:
+        assert result.returncode == 0, output
+    else:
+        assert result.returncode != 0, output
+        assert "RELAY_RATE_LIMIT_STORAGE: memory:// counts in each process" in output

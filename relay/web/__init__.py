@@ -1,7 +1,8 @@
 """The web layer: the public form and its submission, embed.js, /healthz.
 
 `app` is the application factory (every resource built per app, nothing at import time),
-`views` the routes, `forms` reads and validates untrusted input, `captcha` asks hCaptcha,
+`views` the routes, `body` reads every request body whole (its size cap and its deadline,
+whatever the framing), `forms` reads and validates untrusted input, `captcha` asks hCaptcha,
 `origins` decides which pages may frame and post the form. Templates, static files and
 translations live beside them.
 

@@ -62,8 +62,12 @@ def prepare(
     """Validate, check the CAPTCHA (when given: it raises CaptchaError) and build the message.
 
     `errors` are problems found while reading the request; `metadata` goes into the message
-    for the support team."""
-    clean, found = forms.validate(data, settings, resolver, errors=errors)
+    for the support team. With `captcha`, the token is validated with the other fields (a
+    missing one is a field error beside theirs) and `captcha` runs only when all are valid,
+    so a typo never spends the visitor's token."""
+    clean, found = forms.validate(
+        data, settings, resolver, errors=errors, captcha=captcha is not None
+    )
     if clean is None:
         raise Refused("invalid", found)
     if captcha is not None:
@@ -126,5 +130,5 @@ def captcha_message(exc: CaptchaError) -> str:
     if exc.retryable:
         return str(_l("We could not check the CAPTCHA just now. Please try again."))
     if MISSING in exc.codes:
-        return str(_l("Please complete the CAPTCHA."))
-    return str(_l("The CAPTCHA check failed or expired. Please complete it again."))
+        return str(forms.CAPTCHA_MISSING)
+    return str(forms.CAPTCHA_FAILED)

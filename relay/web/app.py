@@ -22,6 +22,7 @@ from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.store.outbox import Outbox
 from relay.web import console, forms
+from relay.web.body import BodyReader, refuse_unread_body
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
     everyone,
@@ -59,11 +60,13 @@ def create_app(
             if settings.secret_key
             else secrets.token_urlsafe(48)
         ),
-        MAX_CONTENT_LENGTH=forms.max_body_bytes(),
         BABEL_TRANSLATION_DIRECTORIES=str(TRANSLATIONS),
         BABEL_DEFAULT_LOCALE="en",
         WTF_CSRF_ENABLED=False,
     )
+    # Every body is read whole, capped and timed before Flask sees it (relay/web/body.py).
+    app.wsgi_app = BodyReader(app.wsgi_app, timeout=settings.body_timeout)  # type: ignore[method-assign]
+    app.before_request(refuse_unread_body)  # first: before the rate limiter counts the post
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]

@@ -107,7 +107,9 @@ class HCaptchaVerifier:
     def verify(self, token: str, *, remoteip: str | None, hostnames: Collection[str]) -> None:
         if not token:
             raise CaptchaError([MISSING])
-        if len(token) > MAX_TOKEN_LENGTH:
+        if len(token) > MAX_TOKEN_LENGTH or not (token.isascii() and token.isprintable()):
+            # hCaptcha's tokens are printable ASCII; anything else (a lone surrogate made
+            # httpx's form encoding raise) cannot be one, so it is not sent.
             raise CaptchaError(["invalid-input-response"])
         data = {"secret": self._secret, "response": token, "sitekey": self.sitekey}
         if remoteip:

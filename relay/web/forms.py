@@ -32,6 +32,7 @@ from relay.errors import MessageError
 from relay.logs import event
 from relay.mail import message as message_module
 from relay.mail import mx
+from relay.web.captcha import MAX_TOKEN_LENGTH
 
 log = logging.getLogger("relay.forms")
 
@@ -58,8 +59,9 @@ def limits() -> dict[str, int]:
 
 
 def max_body_bytes() -> int:
-    """MAX_CONTENT_LENGTH: every field at its limit in the worst encoding (12 bytes a char
-    as percent-encoded UTF-8 or a JSON surrogate pair), plus room for the CAPTCHA token."""
+    """The form's body cap (relay.web.body.limit_for): every field at its limit in the worst
+    encoding (12 bytes a char as percent-encoded UTF-8 or a JSON surrogate pair), plus room
+    for the CAPTCHA token."""
     return 12 * sum(limits().values()) + 96 * 1024
 
 
@@ -146,6 +148,8 @@ _REQUIRED = {
     "subject": _l("Please enter a subject."),
     "message": _l("Please enter a message."),
 }
+CAPTCHA_MISSING = _l("Please complete the CAPTCHA.")
+CAPTCHA_FAILED = _l("The CAPTCHA check failed or expired. Please complete it again.")
 
 
 def validate(
@@ -154,28 +158,28 @@ def validate(
     resolver: Any,
     *,
     errors: Mapping[str, list[str]] | None = None,
+    captcha: bool = False,
 ) -> tuple[Clean | None, dict[str, list[str]]]:
     """Check every field of `data`; return clean values, or None and {field: [messages]}.
-    `errors` are problems already found while reading the request (kept, not re-checked)."""
+    `errors` are problems already found while reading the request (kept, not re-checked).
+
+    `captcha`: the token is a field too (the web form; `relay send` has none). A missing or
+    unreadable token is reported beside the other fields, so the visitor learns everything
+    in one round, and siteverify is only ever asked about a token of an otherwise valid form."""
     errors = {k: list(v) for k, v in (errors or {}).items()}
-    max_len = limits()
     values: dict[str, str] = {}
     for name in FIELDS:
         if name in errors:
             continue
-        raw = (data.get(name) or "").replace("\r\n", "\n")
-        value = raw if name == "message" else raw.strip()
-        multiline = name == "message"
-        if not value.strip():
-            errors[name] = [str(_REQUIRED[name])]
-        elif len(value) > max_len[name]:
-            errors[name] = [str(_l("Please use at most %(max)d characters.", max=max_len[name]))]
-        elif "\ufffd" in value:
-            errors[name] = [str(_l("This contains characters we could not read."))]
-        elif control_characters(value, multiline=multiline):
-            errors[name] = [str(_l("Please remove control characters from this field."))]
-        else:
+        value, problem = check_field(name, data.get(name) or "")
+        if problem is None:
             values[name] = value
+        else:
+            errors[name] = [problem]
+    if captcha and CAPTCHA not in errors:
+        problem = check_token(data.get(CAPTCHA) or "")
+        if problem is not None:
+            errors[CAPTCHA] = [problem]
     if "email" in values:
         email = _check_email(values["email"], settings, resolver)
         if isinstance(email, list):
@@ -184,6 +188,7 @@ def validate(
             values["email"] = email
     if errors:
         return None, errors
+    max_len = limits()
     try:
         clean = Clean(
             name=message_module.sanitize_text(
@@ -200,6 +205,38 @@ def validate(
     except (ValueError, MessageError):
         return None, {"form": [str(_l("We could not accept this message. Please check it."))]}
     return clean, {}
+
+
+def check_field(name: str, raw: str) -> tuple[str, str | None]:
+    """(the value as validated, None) or (_, the visitor's message) for one visitor field."""
+    max_len = limits()[name]
+    multiline = name == "message"
+    raw = raw.replace("\r\n", "\n")
+    value = raw if multiline else raw.strip()
+    if not value.strip():
+        return value, str(_REQUIRED[name])
+    if len(value) > max_len:
+        return value, str(_l("Please use at most %(max)d characters.", max=max_len))
+    return value, text_problem(value, multiline=multiline)
+
+
+def text_problem(value: str, *, multiline: bool) -> str | None:
+    """The checks every text the request carries goes through before any use."""
+    if "\ufffd" in value:
+        return str(_l("This contains characters we could not read."))
+    if control_characters(value, multiline=multiline):
+        return str(_l("Please remove control characters from this field."))
+    return None
+
+
+def check_token(token: str) -> str | None:
+    """The CAPTCHA token: present, and text we can send on (hCaptcha's tokens are printable
+    ASCII; a lone surrogate made httpx's form encoding raise, a 500)."""
+    if not token.strip():
+        return str(CAPTCHA_MISSING)
+    if len(token) > MAX_TOKEN_LENGTH or text_problem(token, multiline=False) is not None:
+        return str(CAPTCHA_FAILED)
+    return None
 
 
 def _check_email(value: str, settings: Settings, resolver: Any) -> str | list[str]:

@@ -31,6 +31,10 @@ def error_text(code: int) -> tuple[str, str]:
         403: (_("Not allowed"), _("This form cannot be sent from this page.")),
         404: (_("Not found"), _("There is no page at this address.")),
         405: (_("Not allowed"), _("This address does not accept that kind of request.")),
+        408: (
+            _("Too slow"),
+            _("What you sent took too long to arrive. Please try again."),
+        ),
         413: (
             _("Too large"),
             _("What you sent is too large. Please shorten your message and try again."),

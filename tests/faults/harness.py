@@ -207,6 +207,27 @@ def gunicorn_proc(
     return Proc(argv, env, cwd, "gunicorn")
 
 
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+# The README's one-line command for the web process (tests/web/test_edge.py keeps them equal).
+SHIPPED_GUNICORN = 'gunicorn -c deploy/gunicorn.conf.py "relay:create_app()"'
+
+
+def shipped_gunicorn_proc(
+    env: Mapping[str, str], cwd: Path, port: int, *extra: str, name: str = "gunicorn"
+) -> Proc:
+    """gunicorn as SHIPPED_GUNICORN starts it (deploy/gunicorn.conf.py, every setting at its
+    default unless `env` overrides it), bound to `port` through FORMRELAY_BIND; `extra`
+    options go before the app (an access-log format, say)."""
+    argv = [
+        str(BIN / "gunicorn"),
+        "-c",
+        str(DEPLOY / "gunicorn.conf.py"),
+        *extra,
+        "relay:create_app()",
+    ]
+    return Proc(argv, {**env, "FORMRELAY_BIND": f"127.0.0.1:{port}"}, cwd, name)
+
+
 def http_ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:

@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 
 from relay import create_app
 from relay.config import Settings
+from relay.sandbox.captcha import SiteverifyStub
 from relay.store.outbox import Outbox
 from tests.conftest import unavailable
 from tests.web.conftest import queued
@@ -59,6 +60,8 @@ STAND_IN_WIDGET = """
       box.appendChild(field);
     });
   }
+  // As api.js does: static/captcha.js takes a script without it for one that failed.
+  window.hcaptcha = { render: render };
   if (document.readyState === "loading") {
     document.addEventListener("DOMContentLoaded", render);
   } else { render(); }
@@ -338,6 +341,62 @@ def test_embedding_from_an_unlisted_origin_is_blocked(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def is_hcaptcha_script(url: str) -> bool:
+    return url.startswith("https://js.hcaptcha.com/")
+
+
+def test_captcha_that_cannot_load_is_explained_with_a_retry(
+    live: str, new_page: Callable[..., Any], outbox: Outbox, siteverify: SiteverifyStub
+) -> None:
+    """A blocked hCaptcha script (an extension, a proxy, an outage) left an empty gap under
+    "Please confirm you are not a robot."; now a translated notice says why, with a retry
+    link that loads the widget in place. A post without the token lists every error at once,
+    the CAPTCHA's beside the fields', and siteverify is not asked."""
+    blocked = True
+
+    def hcaptcha(route: Any) -> None:
+        if blocked:
+            route.abort()
+        else:
+            route.fulfill(status=200, content_type="text/javascript", body=STAND_IN_WIDGET)
+
+    page = new_page()
+    page.route(is_hcaptcha_script, hcaptcha)
+    page.goto(f"{live}/form?lang=en")
+    notice = page.locator("#captcha-unavailable")
+    notice.wait_for(state="visible")
+    assert "The CAPTCHA could not be loaded" in notice.inner_text()
+    assert page.locator(".h-captcha").is_hidden()  # no widget-sized gap
+    shot(page, "form-captcha-blocked")
+
+    fill(page, **{**VISITOR, "email": "hanako@"})
+    page.get_by_role("button", name="Send message").click()
+    page.wait_for_selector("#error-summary")
+    summary = page.locator("#error-summary").inner_text()
+    assert "Please enter a valid email address" in summary
+    assert "CAPTCHA: Please complete the CAPTCHA." in summary
+    assert siteverify.requests == []
+    notice.wait_for(state="visible")  # still blocked after the round trip
+
+    blocked = False
+    page.get_by_role("link", name="Try loading the CAPTCHA again").click()
+    page.wait_for_selector("textarea[name='h-captcha-response']", state="attached")
+    assert notice.is_hidden()
+    assert page.locator(".h-captcha").is_visible()
+    assert page.locator("#subject").input_value() == VISITOR["subject"]  # nothing lost
+    page.locator("#email").fill(VISITOR["email"])
+    page.get_by_role("button", name="Send message").click()
+    page.wait_for_url("**/thanks?lang=en")
+    assert len(queued(outbox)) == 1
+
+    japanese = new_page(locale="ja-JP")
+    japanese.route(is_hcaptcha_script, lambda route: route.abort())
+    japanese.goto(f"{live}/form")
+    japanese.locator("#captcha-unavailable").wait_for(state="visible")
+    assert "CAPTCHA を読み込めなかった" in japanese.locator("#captcha-unavailable").inner_text()
+    assert japanese.get_by_role("link", name="CAPTCHA をもう一度読み込む").is_visible()
 
 
 FETCH_JSON = """

@@ -48,7 +48,9 @@ def test_form_page_has_labelled_fields_honeypot_and_captcha(client: FlaskClient)
     assert 'tabindex="-1"' in honeypot.group(0)
     assert 'autocomplete="off"' in honeypot.group(0)
     assert 'data-sitekey="30000000-ffff-ffff-ffff-000000000003"' in html
-    assert 'src="https://js.hcaptcha.com/1/api.js?hl=en"' in html
+    # static/captcha.js loads the widget's script, so that it can tell when it cannot.
+    assert 'data-script="https://js.hcaptcha.com/1/api.js?hl=en"' in html
+    assert 'src="/static/captcha.js"' in html
     assert '<html lang="en">' in html
     assert 'name="viewport" content="width=device-width, initial-scale=1"' in html
     assert "<header" in html
@@ -245,7 +247,9 @@ def test_json_errors_are_keyed_by_field(client: FlaskClient, outbox: Outbox) -> 
     response = client.post("/form", json={"email": "not an address", "message": "x"})
     assert response.status_code == 400
     errors = response.get_json()["errors"]
-    assert set(errors) == {"name", "email", "subject"}
+    # The missing CAPTCHA is reported in the same round as the fields.
+    assert set(errors) == {"name", "email", "subject", "h-captcha-response"}
+    assert errors["h-captcha-response"] == ["Please complete the CAPTCHA."]
     assert errors["email"] == ["Please enter a valid email address, like name@example.com."]
     assert queued(outbox) == []
 
