@@ -26,6 +26,7 @@ class Claimed:
     attempt: int  # the number this attempt will have
     created_at: datetime
     claimed_at: datetime
+    token: int = 0  # messages.claim_token of this claim: what renewals and records must match
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class MessageRow:
     possible_duplicate: bool
     failure_reason: str | None
     purged_at: datetime | None
+    claim_token: int = 0
 
     @property
     def last_reply(self) -> str:

@@ -1,7 +1,11 @@
 """The outbox's tables, as SQLAlchemy Core metadata (Alembic migrations create them).
 
 While a message is `sending`, `next_attempt_at` holds its lease expiry, so a message whose
-worker died becomes due again through the same (status, next_attempt_at) index.
+worker stopped renewing it becomes due again through the same (status, next_attempt_at) index.
+`claim_token` counts the claims of a message: the fencing token a worker's renewals and records
+must match, so a worker that lost a message can never overwrite what its new owner did.
+`workers` is the registry of delivery workers and their heartbeats (relay.store.workers): a
+message whose worker stopped beating is reclaimed before its lease runs out.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ messages = sa.Table(
     sa.Column("possible_duplicate", sa.Boolean, nullable=False),
     sa.Column("failure_reason", sa.Text, nullable=True),
     sa.Column("purged_at", _ts, nullable=True),
+    sa.Column("claim_token", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_messages_due", "status", "next_attempt_at"),
     sa.Index("ix_messages_created", "created_at"),
 )
@@ -113,4 +118,21 @@ attempt_hosts = sa.Table(
     sa.Column("duration", sa.Float, nullable=False),
     sa.Column("started_at", _ts, nullable=True),
     sa.Index("ix_attempt_hosts_attempt_id", "attempt_id", "position"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    # Boot id and PID namespace: where `pid` means something (a dead local worker is seen at once).
+    sa.Column("node", sa.String(128), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started_at", _ts, nullable=False),
+    sa.Column("beat_at", _ts, nullable=False),
+    sa.Column("stopped_at", _ts, nullable=True),
+    sa.Column("stop_reason", sa.String(64), nullable=True),
+    sa.Index("ix_workers_beat", "beat_at"),
 )

@@ -281,10 +281,11 @@ def test_db_upgrade_from_several_processes_at_once(env: Env) -> None:
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert all("outbox schema at revision 0001" in out for out, _err in outputs)
+    head = Outbox(env.url).head_revision()
+    assert all(f"outbox schema at revision {head}" in out for out, _err in outputs)
     again = env.invoke("db", "upgrade")
     assert again.exit_code == 0
-    assert "revision 0001" in again.output
+    assert f"revision {head}" in again.output
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
