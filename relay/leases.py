@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -131,6 +131,7 @@ class Leases:
         self.held: dict[str, Held] = {}
         self.registered = False
         self.released: list[str] = []  # handed back at stop (the worker.released line)
+        self.claiming = 0  # claims in flight: what they take is not held yet
         self._unreleased: dict[str, tuple[int, bool]] = {}  # id -> (token, maybe sent)
         self._lock: asyncio.Lock | None = None
 
@@ -223,13 +224,37 @@ class Leases:
                     {key: h.item.token for key, h in held.items()},
                     self.lease,
                     alive=self.alive,
+                    strays_after=None if self.claiming else self.dead_after,
                 )
             except StoreUnavailable as exc:
                 event(log, "worker.heartbeat_failed", logging.WARNING, error=str(exc))
                 return False
             self._learn(beat, held, started)
+        await self._hand_back(beat.strays)
         await self.release_leftovers()
         return True
+
+    async def _hand_back(self, strays: Mapping[str, int]) -> None:
+        """Messages leased to this worker that it does not work on (a claim that committed
+        but whose reply was lost, an outcome the store refused three times): due again now,
+        as interrupted attempts that may have been sent, instead of after their lease."""
+        if not strays:
+            return
+        try:
+            await asyncio.to_thread(
+                self.outbox.release, self.info.id, strays, started=True, sent=True
+            )
+        except StoreUnavailable:
+            return
+        event(
+            log,
+            "worker.released",
+            logging.WARNING,
+            id=self.info.id,
+            count=len(strays),
+            ids=",".join(sorted(strays)),
+            reason="not_held",
+        )
 
     def _learn(self, beat: Beat, held: dict[str, Held], started: float) -> None:
         cut_off = finishing = 0

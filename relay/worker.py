@@ -223,14 +223,18 @@ class Worker:
         if free <= 0:
             return []
         started = time.monotonic()
-        items = await asyncio.to_thread(
-            self.outbox.claim,
-            self.id,
-            free,
-            self.lease,
-            give_up=self.policy.give_up,
-            dead_after=self.dead_after,
-        )
+        self.leases.claiming += 1
+        try:
+            items = await asyncio.to_thread(
+                self.outbox.claim,
+                self.id,
+                free,
+                self.lease,
+                give_up=self.policy.give_up,
+                dead_after=self.dead_after,
+            )
+        finally:
+            self.leases.claiming -= 1
         gated = self._deliver is None
         return [self.leases.hold(item, confirmed=started, gated=gated) for item in items]
 
@@ -314,7 +318,14 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
         released = self.leases.released
         if released:
-            event(log, "worker.released", id=self.id, count=len(released), ids=",".join(released))
+            event(
+                log,
+                "worker.released",
+                id=self.id,
+                count=len(released),
+                ids=",".join(released),
+                reason="stop_timeout",
+            )
 
     async def _writer(self) -> None:
         """The group commit: records every attempt that ended within `record_window` of

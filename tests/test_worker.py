@@ -983,3 +983,40 @@ async def test_stop_hands_back_an_attempt_cut_off_before_the_dot_without_a_dupli
     assert any(line.startswith("worker.stopping") and "in_flight=1" in line for line in lines)
     assert any(line.startswith(f"worker.released id={worker.id} count=1") for line in lines)
     assert any(line.startswith("worker.deregistered") for line in lines)
+
+
+async def test_a_message_leased_to_the_worker_that_it_never_heard_of_is_handed_back(
+    store: Outbox, clock: FakeClock, quick_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim made under the worker's name whose reply it never got: after DEAD_AFTER its
+    beat hands the message back (an interrupted attempt that may have been sent), and it is
+    delivered, instead of waiting for the 300 s lease."""
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    deliver = ScriptedDeliver(delivered())
+    worker = Worker(store, quick_settings, deliver=deliver, poll_interval=0.05)
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(10):
+        while not worker.leases.registered:
+            await asyncio.sleep(0.01)
+    outbox_id = store.enqueue(built(quick_settings))
+    (lost_reply,) = store.claim(worker.id, 1, 300)
+    clock.advance(DEAD_AFTER + 1)
+    assert await worker.leases.beat()
+    async with asyncio.timeout(10):
+        while store.get(outbox_id).status != "delivered":
+            await asyncio.sleep(0.02)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    detail = store.show(outbox_id)
+    assert [(a.number, a.outcome) for a in detail.attempts] == [
+        (1, "interrupted"),
+        (2, "delivered"),
+    ]
+    assert detail.message.possible_duplicate
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    assert any(
+        line.startswith("worker.released")
+        and f"ids={lost_reply.id}" in line
+        and "reason=not_held" in line
+        for line in lines
+    )

@@ -187,7 +187,7 @@ class Outbox(MessageLog):
             if fresh:
                 conn.execute(messages.update().where(m.id.in_(fresh)).values(**lease))
         if reclaimed:
-            self._log_reclaimed(owner, reclaimed, now, dead_after)
+            self.workers.log_reclaimed(owner, reclaimed, now, dead_after)
         return claimed
 
     _CLAIM_COLUMNS = (
@@ -238,39 +238,6 @@ class Outbox(MessageLog):
         if self.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True, of=messages)
         return query
-
-    def _log_reclaimed(
-        self, owner: str, rows: Sequence[Any], now: datetime, dead_after: float | None
-    ) -> None:
-        """`worker.reclaimed`, one line per worker that lost messages: who, which, how long
-        after its last heartbeat, and why (stopped, no heartbeat, or the lease's expiry)."""
-        by_owner: dict[str, list[str]] = {}
-        for row in rows:
-            by_owner.setdefault(row.lease_owner or "-", []).append(row.id)
-        try:
-            beats = self.workers.beats_of(list(by_owner))
-        except Exception:  # only the log line's detail: the claim is committed
-            beats = {}
-        for dead, ids in by_owner.items():
-            known = beats.get(dead)
-            since = round(known.since_beat(now), 1) if known is not None else None
-            if known is not None and known.stopped_at is not None:
-                why = known.stop_reason or "stopped"
-            elif known is not None and dead_after is not None and since is not None:
-                why = "no heartbeat" if since > dead_after else "lease expired"
-            else:
-                why = "lease expired"
-            log_event(
-                log,
-                "worker.reclaimed",
-                logging.WARNING,
-                worker=owner,
-                dead=dead,
-                ids=",".join(ids),
-                count=len(ids),
-                since_beat=since,
-                reason=why,
-            )
 
     def _reclaim(
         self,

@@ -16,16 +16,21 @@ to go stale. Nothing but the same node is ever judged that way.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from relay.errors import StoreError
+from relay.logs import event
 from relay.store.engine import Database, replayed
 from relay.store.schema import messages, workers
+
+log = logging.getLogger("relay.outbox")
 
 PRUNE_AFTER = timedelta(days=7)  # rows of workers gone this long (holding nothing) are dropped
 PROCESS_GONE = "process gone"
@@ -62,6 +67,7 @@ class Beat:
     since_beat: float | None  # seconds since the previous beat the store had (None: no row)
     given_up: bool  # the row said stopped (a sibling judged the process gone) or was missing
     reaped: tuple[Reaped, ...] = ()
+    strays: Mapping[str, int] = field(default_factory=dict)  # leased to us, not held: id -> token
 
 
 @dataclass(frozen=True)
@@ -135,9 +141,12 @@ class Registry:
         lease_seconds: float,
         *,
         alive: Callable[[int], bool] | None = None,
+        strays_after: float | None = None,
     ) -> Beat:
         """One heartbeat: this worker's row, then the lease of each held message (id ->
-        claim token), in one transaction. Returns the held ids it no longer owns."""
+        claim token), in one transaction. Returns the held ids it no longer owns, and (with
+        `strays_after`) the messages leased to it for that long that it does not hold: a
+        claim whose reply was lost, an outcome the store never took."""
         now = self.db.clock()
         w, m = workers.c, messages.c
         with self.db.tx() as conn:
@@ -160,10 +169,20 @@ class Registry:
                 ).all()
                 renewed = {(row.id, int(row.claim_token)) for row in rows}
             reaped = self._reap(conn, info, now, alive) if alive is not None else ()
+            strays: dict[str, int] = {}
+            if strays_after is not None:
+                query = sa.select(m.id, m.claim_token).where(
+                    m.lease_owner == info.id,
+                    m.status == "sending",
+                    m.claimed_at < now - timedelta(seconds=strays_after),
+                )
+                if held:
+                    query = query.where(m.id.not_in(list(held)))
+                strays = {row.id: int(row.claim_token) for row in conn.execute(query)}
         lost = frozenset(i for i, token in held.items() if (i, token) not in renewed)
         since = (now - previous.beat_at).total_seconds() if previous is not None else None
         given_up = previous is None or previous.stopped_at is not None
-        return Beat(lost, since, given_up, reaped)
+        return Beat(lost, since, given_up, reaped, strays)
 
     @replayed
     def deregister(self, worker_id: str, reason: str = "stopped") -> bool:
@@ -215,6 +234,40 @@ class Registry:
         with self.db.tx() as conn:
             rows = conn.execute(sa.select(workers).where(workers.c.id.in_(list(ids)))).all()
         return {row.id: WorkerRow(**dict(row._mapping)) for row in rows}
+
+    def log_reclaimed(
+        self, claimer: str, rows: Sequence[Any], now: datetime, dead_after: float | None
+    ) -> None:
+        """`worker.reclaimed`, one line per worker that lost messages to a claim: which, how
+        long after its last heartbeat, and why (stopped, process gone, no heartbeat, or only
+        the lease's expiry). `rows` have `id` and `lease_owner`."""
+        by_owner: dict[str, list[str]] = {}
+        for row in rows:
+            by_owner.setdefault(row.lease_owner or "-", []).append(row.id)
+        try:
+            beats = self.beats_of(list(by_owner))
+        except StoreError:  # only the log line's detail: the claim is committed
+            beats = {}
+        for dead, ids in by_owner.items():
+            known = beats.get(dead)
+            since = round(known.since_beat(now), 1) if known is not None else None
+            if known is not None and known.stopped_at is not None:
+                why = known.stop_reason or "stopped"
+            elif since is not None and dead_after is not None and since > dead_after:
+                why = "no heartbeat"
+            else:
+                why = "lease expired"
+            event(
+                log,
+                "worker.reclaimed",
+                logging.WARNING,
+                worker=claimer,
+                dead=dead,
+                ids=",".join(ids),
+                count=len(ids),
+                since_beat=since,
+                reason=why,
+            )
 
     # --- inside a transaction ---
 

@@ -318,3 +318,20 @@ def test_migration_0002_keeps_the_messages_of_0001(
         assert "claim_token" not in columns
     finally:
         store.dispose()
+
+
+def test_a_beat_finds_the_messages_leased_to_its_worker_that_it_does_not_hold(
+    store: Outbox, clock: FakeClock, plain_settings: Settings
+) -> None:
+    """A claim that committed but whose reply never came back (the connection died after
+    COMMIT): the worker does not know it holds the message. Its beats find such strays once
+    they are older than any claim in flight, instead of leaving them to the 300 s lease."""
+    ids = [store.enqueue(built(plain_settings, n)) for n in range(2)]
+    me = register(store, "w1")
+    claims = {c.id: c.token for c in store.claim("w1", 2, LEASE)}
+    held = {ids[0]: claims[ids[0]]}
+    assert store.workers.beat(me, held, LEASE, strays_after=DEAD_AFTER).strays == {}
+    clock.advance(DEAD_AFTER + 1)
+    beat = store.workers.beat(me, held, LEASE, strays_after=DEAD_AFTER)
+    assert beat.strays == {ids[1]: claims[ids[1]]}
+    assert store.workers.beat(me, held, LEASE).strays == {}  # only when asked
