@@ -235,7 +235,6 @@ def test_queue_check_flags_old_undelivered_mail(env: Env, settings_for: Settings
 def test_queue_check_and_workers_when_no_worker_runs(env: Env, settings_for: Settings) -> None:
     """Mail due for longer than RELAY_WORKER_DEAD_AFTER and no heartbeat: the check fails
     and says why; `relay workers` shows who ran and when."""
-    import sqlalchemy as sa
 
     from relay.store.schema import messages
 
