@@ -223,9 +223,15 @@ class Outbox(MessageLog):
         """Messages being sent by a worker that is dead or deregistered, whatever their
         lease says (never our own: our heartbeat renews those, or tells us they are lost)."""
         m = messages.c
+        w = workers.c
         query = (
-            sa.select(*(m[name] for name in self._CLAIM_COLUMNS))
-            .select_from(messages.join(workers, workers.c.id == m.lease_owner))
+            sa.select(
+                *(m[name] for name in self._CLAIM_COLUMNS),
+                w.beat_at.label("owner_beat_at"),
+                w.stopped_at.label("owner_stopped_at"),
+                w.stop_reason.label("owner_stop_reason"),
+            )
+            .select_from(messages.join(workers, w.id == m.lease_owner))
             .where(
                 m.status == "sending",
                 m.lease_owner != owner,

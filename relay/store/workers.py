@@ -240,19 +240,32 @@ class Registry:
     ) -> None:
         """`worker.reclaimed`, one line per worker that lost messages to a claim: which, how
         long after its last heartbeat, and why (stopped, process gone, no heartbeat, or only
-        the lease's expiry). `rows` have `id` and `lease_owner`."""
+        the lease's expiry). Rows the claim took from a dead worker carry what the claim saw
+        of it (`owner_beat_at`, ...); for the others the registry is read now."""
         by_owner: dict[str, list[str]] = {}
+        seen: dict[str, tuple[datetime, datetime | None, str | None]] = {}
         for row in rows:
-            by_owner.setdefault(row.lease_owner or "-", []).append(row.id)
+            owner = row.lease_owner or "-"
+            by_owner.setdefault(owner, []).append(row.id)
+            fields = row._mapping
+            if fields.get("owner_beat_at") is not None:
+                seen[owner] = (
+                    fields["owner_beat_at"],
+                    fields["owner_stopped_at"],
+                    fields["owner_stop_reason"],
+                )
+        unknown = [owner for owner in by_owner if owner not in seen]
         try:
-            beats = self.beats_of(list(by_owner))
+            later = self.beats_of(unknown)
         except StoreError:  # only the log line's detail: the claim is committed
-            beats = {}
+            later = {}
+        for owner, row in later.items():
+            seen[owner] = (row.beat_at, row.stopped_at, row.stop_reason)
         for dead, ids in by_owner.items():
-            known = beats.get(dead)
-            since = round(known.since_beat(now), 1) if known is not None else None
-            if known is not None and known.stopped_at is not None:
-                why = known.stop_reason or "stopped"
+            known = seen.get(dead)
+            since = round((now - known[0]).total_seconds(), 1) if known is not None else None
+            if known is not None and known[1] is not None:
+                why = known[2] or "stopped"
             elif since is not None and dead_after is not None and since > dead_after:
                 why = "no heartbeat"
             else:

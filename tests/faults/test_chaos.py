@@ -50,6 +50,7 @@ from relay.store.outbox import Outbox
 from tests.faults.conftest import FaultHandler
 from tests.faults.corpus import VALID
 from tests.faults.harness import (
+    FINAL,
     Proc,
     Visitor,
     free_port,
@@ -394,7 +395,7 @@ def make_world(
         {
             "RELAY_DATABASE_URL": url,
             "RELAY_WORKER_DEAD_AFTER": str(DEAD_AFTER),
-            "RELAY_WORKER_CONCURRENCY": "8",
+            "RELAY_WORKER_CONCURRENCY": "16",
             "RELAY_LOG_LEVEL": "INFO",
         }
     )
@@ -421,14 +422,34 @@ def reclaims(worlds: list[World]) -> list[tuple[float, str, int, str, str | None
     return sorted(found)
 
 
-def settle_and_wait(worlds: list[World], timeout: float) -> None:
+def settle_and_wait(worlds: list[World], timeout: float) -> list[dict[str, Any]]:
+    """Wait until every stored message is final; returns what was pending every 5 s."""
+    timeline: list[dict[str, Any]] = []
+    started = time.monotonic()
+
     def final() -> bool:
-        return all(
-            not {s for s, n in w.outbox.counts().items() if n and s not in ("delivered", "failed")}
+        pending = {
+            w.store: {s: n for s, n in w.outbox.counts().items() if s not in FINAL and n}
             for w in worlds
-        )
+        }
+        elapsed = time.monotonic() - started
+        if not timeline or elapsed - timeline[-1]["at"] >= 5:
+            timeline.append({"at": round(elapsed, 1), "pending": pending})
+        return not any(pending.values())
 
     wait_until(final, timeout=timeout, interval=1.0, what="every stored message final")
+    return timeline
+
+
+def keep_events(worlds: list[World]) -> None:
+    """The relay workers' event lines but the per-message ones, for reading a run later."""
+    noise = ("smtp.reply", "delivery.delivered", "delivery.deferred", "doctor.check")
+    with (ARTIFACTS / ("chaos-soak-events.log" if SOAK else "chaos-events.log")).open("w") as out:
+        for world in worlds:
+            for log in sorted(world.cwd.glob("*.log")):
+                for line in log.read_text(errors="replace").splitlines():
+                    if not any(word in line for word in noise):
+                        out.write(f"{world.store}/{log.stem} {line}\n")
 
 
 def summary(values: list[float]) -> dict[str, float] | None:
@@ -537,15 +558,17 @@ def _soak(
         loop.join(30)
     submitted = time.monotonic()
     chaos.settle()
-    settle_and_wait(worlds, timeout=240 if SOAK else 120)
+    timeline = settle_and_wait(worlds, timeout=300 if SOAK else 120)
     drained = time.monotonic()
+    ARTIFACTS.mkdir(exist_ok=True)
+    keep_events(worlds)
 
     copies = Counter(message_id_of(r.data) for r in mx_server.messages)
     found = reclaims(worlds)
     for kill in chaos.kills:
         if kill.what != "relay":
             continue
-        mine = [entry for entry in found if entry[1] == kill.worker]
+        mine = [entry for entry in found if entry[1] == kill.worker and entry[0] >= kill.at - 0.05]
         if mine:
             kill.reclaimed_after = round(mine[0][0] - kill.at, 2)
             kill.reclaimed = sum(entry[2] for entry in mine)
@@ -579,10 +602,10 @@ def _soak(
             ),
             "relay_kills_holding_nothing": sum(1 for k in relay_kills if not k.reclaimed),
         },
+        "drain": timeline,
         "postgres_restart": chaos.pg_restart,
         "pause": {k: v for k, v in chaos.pause.items() if k != "resume_at"},
     }
-    ARTIFACTS.mkdir(exist_ok=True)
     name = "chaos-soak.json" if SOAK else "chaos.json"
     (ARTIFACTS / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
