@@ -144,7 +144,7 @@ class Registry:
         strays_after: float | None = None,
     ) -> Beat:
         """One heartbeat: this worker's row, then the lease of each held message (id ->
-        claim token), in one transaction. Returns the held ids it no longer owns, and (with
+        claim token), in one transaction. Returns the held ids another claim took, and (with
         `strays_after`) the messages leased to it for that long that it does not hold: a
         claim whose reply was lost, an outcome the store never took."""
         now = self.db.clock()
@@ -155,6 +155,7 @@ class Registry:
             ).first()
             self._upsert(conn, info, now, fresh=previous is None)
             renewed: set[tuple[str, int]] = set()
+            taken: set[str] = set()
             if held:
                 expires = now + timedelta(seconds=lease_seconds)
                 rows = conn.execute(
@@ -168,6 +169,7 @@ class Registry:
                     .returning(m.id, m.claim_token)
                 ).all()
                 renewed = {(row.id, int(row.claim_token)) for row in rows}
+                taken = self._taken(conn, {i: t for i, t in held.items() if (i, t) not in renewed})
             reaped = self._reap(conn, info, now, alive) if alive is not None else ()
             strays: dict[str, int] = {}
             if strays_after is not None:
@@ -179,7 +181,7 @@ class Registry:
                 if held:
                     query = query.where(m.id.not_in(list(held)))
                 strays = {row.id: int(row.claim_token) for row in conn.execute(query)}
-        lost = frozenset(i for i, token in held.items() if (i, token) not in renewed)
+        lost = frozenset(taken)
         since = (now - previous.beat_at).total_seconds() if previous is not None else None
         given_up = previous is None or previous.stopped_at is not None
         return Beat(lost, since, given_up, reaped, strays)
@@ -302,6 +304,17 @@ class Registry:
         ).rowcount
         if not updated:
             conn.execute(workers.insert().values({"started_at": now, **values, "id": info.id}))
+
+    def _taken(self, conn: Connection, unrenewed: Mapping[str, int]) -> set[str]:
+        """Of held messages the renewal missed, those another claim took (their token moved
+        on, or they are gone); the others only ended, their outcome committed by this
+        worker's writer while the beat ran."""
+        if not unrenewed:
+            return set()
+        m = messages.c
+        rows = conn.execute(sa.select(m.id, m.claim_token).where(m.id.in_(list(unrenewed))))
+        tokens = {row.id: int(row.claim_token) for row in rows}
+        return {i for i, token in unrenewed.items() if tokens.get(i) != token}
 
     def _prune(self, conn: Connection, now: datetime) -> None:
         w, m = workers.c, messages.c

@@ -335,3 +335,15 @@ def test_a_beat_finds_the_messages_leased_to_its_worker_that_it_does_not_hold(
     beat = store.workers.beat(me, held, LEASE, strays_after=DEAD_AFTER)
     assert beat.strays == {ids[1]: claims[ids[1]]}
     assert store.workers.beat(me, held, LEASE).strays == {}  # only when asked
+
+
+def test_a_message_whose_outcome_was_just_recorded_is_not_lost(
+    store: Outbox, clock: FakeClock, plain_settings: Settings
+) -> None:
+    """The worker's writer commits an outcome while a beat still lists the message as held:
+    the renewal misses it, but the token never moved, so nobody took it."""
+    store.enqueue(built(plain_settings))
+    me = register(store, "w1")
+    (claimed,) = store.claim("w1", 1, LEASE)
+    store.record_attempt(claimed, greylisted(), owner="w1", policy=POLICY)
+    assert store.workers.beat(me, {claimed.id: claimed.token}, LEASE).lost == frozenset()
