@@ -573,7 +573,12 @@ def _soak(
             kill.reclaimed_after = round(mine[0][0] - kill.at, 2)
             kill.reclaimed = sum(entry[2] for entry in mine)
             kill.reason = mine[0][3]
-    paused = [entry for entry in found if chaos.pause and entry[1] == chaos.pause["worker"]]
+    pause_ends = chaos.pause.get("at", 0) + DEAD_AFTER + 3
+    paused = [
+        entry
+        for entry in found
+        if chaos.pause and entry[1] == chaos.pause["worker"] and entry[0] <= pause_ends
+    ]
     if paused:
         chaos.pause["reclaimed_after"] = round(paused[0][0] - chaos.pause["at"], 2)
         chaos.pause["reclaimed"] = sum(entry[2] for entry in paused)
