@@ -258,9 +258,12 @@ class Leases:
 
     def _learn(self, beat: Beat, held: dict[str, Held], started: float) -> None:
         cut_off = finishing = 0
+        news = sorted(key for key in beat.lost if not held[key].lost)  # not reported before
         for key, h in held.items():
             if key not in beat.lost:
                 h.confirmed = max(h.confirmed, started)
+            elif h.lost:
+                continue
             elif self.lose(h):
                 cut_off += 1
             else:
@@ -275,15 +278,15 @@ class Leases:
                 since_beat=since,
                 dead_after=int(self.dead_after),
                 given_up=True if beat.given_up else None,
-                lost=len(beat.lost),
+                lost=len(news),
             )
-        if beat.lost:
+        if news:
             event(
                 log,
                 "worker.leases_lost",
                 logging.WARNING,
                 id=self.info.id,
-                ids=",".join(sorted(beat.lost)),
+                ids=",".join(news),
                 cut_off=cut_off,
                 finishing=finishing,
                 since_beat=since,

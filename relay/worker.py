@@ -50,6 +50,8 @@ from relay.store.retry import Decision, RetryPolicy
 
 log = logging.getLogger("relay.worker")
 
+WRITER_CLOSE_TIMEOUT = 10.0  # seconds a stop waits for the last outcomes to be committed
+
 
 @dataclass
 class _Outcome:
@@ -346,8 +348,8 @@ class Worker:
             batch, self._outcomes = self._outcomes, []
             if batch:
                 await self._commit(batch)
-            elif self._closing.done():
-                return
+            if self._closing.done() and not self._outcomes:
+                return  # the stop's wake-up may have been spent on the batch just committed
 
     async def _commit(self, batch: list[_Outcome]) -> None:
         try:
@@ -374,9 +376,9 @@ class Worker:
         assert self._closing is not None
         self._closing.set_result(None)
         self._outcome_ready.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(writer), timeout=self.shutdown_grace)
-        except TimeoutError:  # the store hangs: what is left is redelivered after the lease
+        try:  # within the 15 s that TimeoutStopSec allows beyond the stop timeout
+            await asyncio.wait_for(asyncio.shield(writer), timeout=WRITER_CLOSE_TIMEOUT)
+        except TimeoutError:  # the store hangs: what is left is reclaimed by another worker
             event(log, "worker.record_timeout", logging.ERROR, pending=len(self._outcomes))
         finally:
             writer.cancel()
@@ -434,7 +436,8 @@ class Worker:
         self, item: Claimed, result: AttemptResult, started: datetime
     ) -> Decision | None:
         """Store the attempt through the group commit; if that fails, try twice more on its
-        own, then leave it to the lease (the next claim records the attempt as interrupted)."""
+        own, then give up: the message stays leased to this worker, which no longer holds it,
+        and the heartbeat hands it back after DEAD_AFTER (relay.leases, strays)."""
         finished = Finished(item, result, started, self.outbox.clock())
         for tries in range(3):
             try:
