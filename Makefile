@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-faults lint typecheck check bench bench-quick bench-deps clean
+.PHONY: demo test test-faults soak lint typecheck check bench bench-quick bench-deps clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 
 test-faults: $(STAMP)
 	$(BIN)/pytest tests/faults $(PYTEST_ARGS)
+
+# The long chaos soak (5,000 submissions, a few minutes; `make test` runs a short one).
+# Its report goes to tests/artifacts/chaos-soak.json; RELAY_SOAK_SEED=N replays a run.
+soak: $(STAMP)
+	RELAY_SOAK=1 $(BIN)/pytest tests/faults/test_chaos.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench

@@ -125,7 +125,15 @@ class Settings(BaseModel):
     retry_max: int = Field(3600, ge=1, description="Longest retry delay, seconds")
     retry_give_up: int = Field(432000, ge=1, description="Fail after this age, seconds")
     worker_concurrency: int = Field(10, ge=1, le=1000, description="Deliveries at once")
-    worker_lease: int = Field(300, ge=10, description="Seconds a claim holds before reclaim")
+    worker_lease: int = Field(
+        300, ge=10, description="Seconds a claim holds without a heartbeat renewing it"
+    )
+    worker_dead_after: int = Field(
+        15, ge=3, description="Seconds without a heartbeat before a worker's mail is reclaimed"
+    )
+    worker_stop_timeout: int = Field(
+        30, ge=1, description="Seconds a stopping worker lets deliveries in flight finish"
+    )
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite file")
     instance_path: Path = Field(Path("instance"), description="Folder for the SQLite store")
     # --- web ---

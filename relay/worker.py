@@ -2,9 +2,15 @@
 
 One asyncio loop runs up to `settings.worker_concurrency` attempts at once. Database calls are
 blocking SQLAlchemy calls run in threads (`asyncio.to_thread`), which keeps one code path for
-the web (sync Flask) and the worker. Each message is held under a lease that a heartbeat
-renews while its attempt runs; a worker that dies leaves leases that expire, and any worker
-then claims those messages again.
+the web (sync Flask) and the worker. The worker registers in the store and holds each message
+under a lease that its heartbeat renews (relay.leases); a worker that stops beating for
+RELAY_WORKER_DEAD_AFTER has its messages claimed again by another, and one that resumes
+after such a pause learns at its next beat what it lost.
+
+Stopping (SIGTERM/SIGINT): no more claims, the attempts in flight get
+RELAY_WORKER_STOP_TIMEOUT to finish, what is left is handed back due now (so another worker
+takes it at once), the idle SMTP sessions are QUIT and the worker deregisters. A second
+signal exits at once; the heartbeat then rescues the leases.
 
 The message is signed at every attempt, so a key rotation applies to queued mail; the
 Message-ID never changes between attempts.
@@ -20,6 +26,8 @@ import os
 import secrets
 import signal
 import socket
+import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,11 +36,12 @@ from typing import Any, cast
 from relay.alerts import Dispatcher, Rule, default_rules
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
+from relay.leases import Held, Leases, process_alive, worker_info
 from relay.logs import event
 from relay.mail import smtp
 from relay.mail.attempt import AttemptResult, reply_fields
 from relay.mail.mx import make_resolver
-from relay.mail.send import DeliverFn, sign_and_deliver
+from relay.mail.send import DeliverFn, GatedDeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
 from relay.metrics import Metrics, MetricsServer, exposition, metrics_app, reply_class
@@ -43,6 +52,8 @@ from relay.store.records import Claimed, Finished
 from relay.store.retry import Decision, RetryPolicy
 
 log = logging.getLogger("relay.worker")
+
+WRITER_CLOSE_TIMEOUT = 10.0  # seconds a stop waits for the last outcomes to be committed
 
 
 @dataclass
@@ -58,7 +69,11 @@ def default_worker_id() -> str:
 
 
 class Worker:
-    """Delivers what the outbox holds. `stop()` ends `run()` gracefully."""
+    """Delivers what the outbox holds. `stop()` ends `run()` gracefully.
+
+    `deliver` replaces the SMTP delivery (tests script it; such a delivery is never asked
+    before its final dot, so a cut-off attempt counts as possibly sent); `gated_deliver` is
+    one that awaits `before_dot` as relay.mail.smtp.deliver does."""
 
     def __init__(
         self,
@@ -66,28 +81,46 @@ class Worker:
         settings: Settings,
         *,
         deliver: DeliverFn | None = None,
+        gated_deliver: GatedDeliverFn | None = None,
         sign: Callable[[bytes], bytes] | None = None,
         resolver: Any = None,
         worker_id: str | None = None,
         poll_interval: float = 0.5,
-        shutdown_grace: float = 30.0,
+        shutdown_grace: float | None = None,
         heartbeat_interval: float | None = None,
         claim_coalesce: float = 0.015,
         record_window: float = 0.005,
         metrics: Metrics | None = None,
         alerts: Dispatcher | None = None,
+        alive: Callable[[int], bool] | None = process_alive,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
         self.policy = RetryPolicy.from_settings(settings)
         self.id = worker_id or default_worker_id()
         self.poll_interval = poll_interval
-        self.shutdown_grace = shutdown_grace
+        self.shutdown_grace = (
+            float(settings.worker_stop_timeout) if shutdown_grace is None else shutdown_grace
+        )
         self.lease = float(settings.worker_lease)
-        self.heartbeat_interval = heartbeat_interval or max(1.0, self.lease / 3)
+        self.dead_after = float(settings.worker_dead_after)
+        self.heartbeat_interval = heartbeat_interval or max(
+            1.0, min(self.dead_after, self.lease) / 3
+        )
         self.claim_coalesce = claim_coalesce
         self.record_window = record_window
+        self.metrics = metrics or Metrics()
+        self.leases = Leases(
+            outbox,
+            worker_info(self.id, settings.worker_concurrency),
+            lease=self.lease,
+            dead_after=self.dead_after,
+            interval=self.heartbeat_interval,
+            alive=alive,
+            on_beat=self.metrics.heartbeat,
+        )
         self._deliver = deliver
+        self._gated = gated_deliver
         self._sign = sign
         self._resolver = resolver
         self._sessions: SessionCache | None = None  # with the real deliver only
@@ -95,23 +128,25 @@ class Worker:
         self._wake: asyncio.Event | None = None
         self.listening: asyncio.Event | None = None
         self.claims = 0  # claim queries made: lets tests know the loop went idle
-        self._inflight: dict[str, asyncio.Task[None]] = {}
         self.attempts_made = 0
         self._outcomes: list[_Outcome] = []  # ended attempts waiting for the group commit
         self._outcome_ready: asyncio.Event | None = None
         self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
         self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
-        self.metrics = metrics or Metrics()
         self.alerts = alerts  # runs beside delivery, never in its way
 
     # --- the real collaborators, built on first use ---
 
-    def _deliver_fn(self) -> DeliverFn:
-        if self._deliver is None:
+    def _deliver_for(self, held: Held) -> DeliverFn:
+        """The delivery of one attempt: the injected one, or SMTP asking `before_dot`."""
+        if self._deliver is not None:
+            return self._deliver
+        if self._gated is None:
             self._sessions = SessionCache(max_idle=self.settings.worker_concurrency)
-            deliver = functools.partial(smtp.deliver, sessions=self._sessions)
-            self._deliver = cast(DeliverFn, deliver)
-        return self._deliver
+            real = functools.partial(smtp.deliver, sessions=self._sessions)
+            self._gated = cast(GatedDeliverFn, real)
+        before_dot = functools.partial(self.leases.before_dot, held)
+        return cast(DeliverFn, functools.partial(self._gated, before_dot=before_dot))
 
     def _sign_fn(self) -> Callable[[bytes], bytes]:
         if self._sign is None:
@@ -142,8 +177,15 @@ class Worker:
         self._closing = asyncio.get_running_loop().create_future()
         self.listening = asyncio.Event()
         concurrency = self.settings.worker_concurrency
-        event(log, "worker.started", id=self.id, concurrency=concurrency, lease=int(self.lease))
-        heartbeat = asyncio.create_task(self._heartbeat())
+        event(
+            log,
+            "worker.started",
+            id=self.id,
+            concurrency=concurrency,
+            lease=int(self.lease),
+            dead_after=int(self.dead_after),
+        )
+        heartbeat = asyncio.create_task(self.leases.run())
         listener = asyncio.create_task(self._listen())
         writer = asyncio.create_task(self._writer())
         alerting = asyncio.create_task(
@@ -152,19 +194,13 @@ class Worker:
         failures = 0
         try:
             while not self._stop.is_set():
-                free = concurrency - len(self._inflight)
-                claimed: list[Claimed] = []
+                free = concurrency - len(self.leases)
+                claimed: list[Held] = []
                 timeout: float | None = self.poll_interval
-                if free > 0:
+                if free > 0 or not self.leases.registered:
                     self._wake.clear()  # this claim sees whatever was notified until now
                     try:
-                        claimed = await asyncio.to_thread(
-                            self.outbox.claim,
-                            self.id,
-                            free,
-                            self.lease,
-                            give_up=self.policy.give_up,
-                        )
+                        claimed = await self._claim(free)
                         failures = 0
                     except StoreUnavailable as exc:
                         if once:
@@ -179,29 +215,68 @@ class Worker:
                             retry_in=round(timeout, 1),
                         )
                 self.claims += 1
-                for item in claimed:
-                    self._start(item)
-                if once and not claimed and not self._inflight:
+                for held in claimed:
+                    self._start(held)
+                if once and not claimed and not self.leases.held:
                     break
-                if len(claimed) == free or (once and self._inflight):
+                if len(claimed) == free or (once and self.leases.held):
                     timeout = None  # every slot is busy (or nothing more is due): wait for one
                 # Wake when an attempt ends, on stop, on a NOTIFY (if a slot is free for what
                 # it announces), or after a short poll.
-                await self._wait_for(timeout, wake=len(self._inflight) < concurrency)
+                await self._wait_for(timeout, wake=len(self.leases) < concurrency)
                 if failures == 0:
                     await self._coalesce(concurrency)
         finally:
-            await self._drain()
-            if self._sessions is not None:
-                await self._sessions.close()  # QUIT the idle SMTP sessions
-            await self._close_writer(writer)
-            if once and self.alerts is not None:
-                await self._alerts_once()
-            for task in (heartbeat, listener, alerting):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
+            await self._shut_down(writer, heartbeat, listener, alerting, once=once)
+
+    async def _claim(self, free: int) -> list[Held]:
+        """Register first (a lease always belongs to a registered worker), then claim."""
+        if not self.leases.registered:
+            await self.leases.register()
+        if free <= 0:
+            return []
+        started = time.monotonic()
+        self.leases.claiming += 1
+        try:
+            items = await asyncio.to_thread(
+                self.outbox.claim,
+                self.id,
+                free,
+                self.lease,
+                give_up=self.policy.give_up,
+                dead_after=self.dead_after,
+            )
+        finally:
+            self.leases.claiming -= 1
+        gated = self._deliver is None
+        return [self.leases.hold(item, confirmed=started, gated=gated) for item in items]
+
+    async def _shut_down(self, *tasks: asyncio.Task[None], once: bool) -> None:
+        """Finish or hand back what is in flight, commit what ended, QUIT the idle sessions,
+        (with `once`, send the alerts due) then stop beating and deregister (in that order: a
+        beat would register again)."""
+        writer, heartbeat, listener, alerting = tasks
+        if self.stopping:
+            event(
+                log,
+                "worker.stopping",
+                id=self.id,
+                in_flight=len(self.leases),
+                timeout=round(self.shutdown_grace, 1),
+            )
+        await self._drain()
+        if self._sessions is not None:
+            await self._sessions.close()  # QUIT the idle SMTP sessions
+        await self._close_writer(writer)
+        await self.leases.release_leftovers()
+        if once and self.alerts is not None:
+            await self._alerts_once()
+        for task in (heartbeat, listener, alerting):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.leases.deregister()
+        event(log, "worker.stopped", id=self.id, attempts=self.attempts_made)
 
     async def _alerts_once(self) -> None:
         """`--once`: one round of alerts after the deliveries (its failures only logged)."""
@@ -215,7 +290,7 @@ class Worker:
         """Until an attempt ends, stop() is called, (with `wake`) a NOTIFY, or the timeout."""
         assert self._stop is not None
         assert self._wake is not None
-        waiters: set[asyncio.Future[Any]] = set(self._inflight.values())
+        waiters: set[asyncio.Future[Any]] = set(self.leases.tasks())
         signals = [asyncio.ensure_future(self._stop.wait())]
         if wake:
             signals.append(asyncio.ensure_future(self._wake.wait()))
@@ -235,34 +310,46 @@ class Worker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.claim_coalesce
         while (
-            self._inflight
-            and concurrency - len(self._inflight) < wanted
+            self.leases.held
+            and concurrency - len(self.leases) < wanted
             and not self.stopping
             and (remaining := deadline - loop.time()) > 0
         ):
             await self._wait_for(remaining, wake=False)
 
-    def _start(self, item: Claimed) -> None:
-        task = asyncio.create_task(self._attempt(item), name=f"deliver-{item.id}")
-        self._inflight[item.id] = task
-        key = item.id
+    def _start(self, held: Held) -> None:
+        task = asyncio.create_task(self._attempt(held), name=f"deliver-{held.item.id}")
+        held.task = task
 
         def forget(_task: asyncio.Task[None]) -> None:
-            self._inflight.pop(key, None)
+            self.leases.forget(held)
 
         task.add_done_callback(forget)
 
     async def _drain(self) -> None:
         """Let attempts in flight finish; past the grace period cut them off and hand them
-        back (recorded as interrupted, possible duplicate)."""
-        if not self._inflight:
+        back due now (recorded as interrupted; a possible duplicate only if the final dot
+        may have been sent)."""
+        tasks = self.leases.tasks()
+        if not tasks:
             return
-        tasks = list(self._inflight.values())
         _done, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace)
-        for task in pending:
-            task.cancel()
+        for held in list(self.leases.held.values()):
+            if held.task in pending:
+                held.cut = held.cut or "stop_timeout"
+                held.task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+        released = self.leases.released
+        if released:
+            event(
+                log,
+                "worker.released",
+                id=self.id,
+                count=len(released),
+                ids=",".join(released),
+                reason="stop_timeout",
+            )
 
     async def _writer(self) -> None:
         """The group commit: records every attempt that ended within `record_window` of
@@ -275,7 +362,7 @@ class Worker:
         assert self._closing is not None
         while True:
             await self._outcome_ready.wait()
-            others_running = len(self._inflight) > len(self._outcomes)
+            others_running = len(self.leases) > len(self._outcomes)
             if self.record_window > 0 and others_running:
                 # They may end within the window; a shutdown cuts it short.
                 await asyncio.wait([self._closing], timeout=self.record_window)
@@ -283,8 +370,8 @@ class Worker:
             batch, self._outcomes = self._outcomes, []
             if batch:
                 await self._commit(batch)
-            elif self._closing.done():
-                return
+            if self._closing.done() and not self._outcomes:
+                return  # the stop's wake-up may have been spent on the batch just committed
 
     async def _commit(self, batch: list[_Outcome]) -> None:
         try:
@@ -311,9 +398,9 @@ class Worker:
         assert self._closing is not None
         self._closing.set_result(None)
         self._outcome_ready.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(writer), timeout=self.shutdown_grace)
-        except TimeoutError:  # the store hangs: what is left is redelivered after the lease
+        try:  # within the 15 s that TimeoutStopSec allows beyond the stop timeout
+            await asyncio.wait_for(asyncio.shield(writer), timeout=WRITER_CLOSE_TIMEOUT)
+        except TimeoutError:  # the store hangs: what is left is reclaimed by another worker
             event(log, "worker.record_timeout", logging.ERROR, pending=len(self._outcomes))
         finally:
             writer.cancel()
@@ -331,28 +418,18 @@ class Worker:
             if self._wake is not None:
                 self._wake.set()
 
-    async def _heartbeat(self) -> None:
-        while True:
-            self.metrics.heartbeat()
-            await asyncio.sleep(self.heartbeat_interval)
-            ids = list(self._inflight)
-            if not ids:
-                continue
-            try:
-                await asyncio.to_thread(self.outbox.renew, self.id, ids, self.lease)
-            except StoreUnavailable as exc:
-                event(log, "worker.heartbeat_failed", logging.WARNING, error=str(exc))
-
     # --- one attempt ---
 
-    async def _attempt(self, item: Claimed) -> None:
+    async def _attempt(self, held: Held) -> None:
+        item = held.item
         started = self.outbox.clock()
         self.attempts_made += 1
         try:
-            result = await self._sign_and_deliver(item)
+            result = await self._sign_and_deliver(held)
         except asyncio.CancelledError:
-            await self._release_cut_off(item)
+            await self.leases.cut_off(held)
             raise
+        held.delivering = False
         decision = await self._record(item, result, started)
         self._count(item, result, decision)
         if decision is not None and decision.applied:
@@ -365,13 +442,14 @@ class Worker:
             latency = (self.outbox.clock() - item.created_at).total_seconds()
             self.metrics.latency.observe(max(0.0, latency))
 
-    async def _sign_and_deliver(self, item: Claimed) -> AttemptResult:
+    async def _sign_and_deliver(self, held: Held) -> AttemptResult:
+        item = held.item
         result = await sign_and_deliver(
             item.body,
             recipient=item.recipient,
             envelope_from=item.envelope_from,
             sign=self._sign_fn(),
-            deliver=self._deliver_fn(),
+            deliver=self._deliver_for(held),
             settings=self.settings,
             resolver=self._resolver_obj(),
         )
@@ -384,18 +462,12 @@ class Worker:
                 log.error("delivery.crashed id=%s", item.id, exc_info=result.error)
         return result
 
-    async def _release_cut_off(self, item: Claimed) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(
-                asyncio.to_thread(self.outbox.release, self.id, [item.id], started=True)
-            )
-        event(log, "delivery.interrupted", logging.WARNING, id=item.id, attempt=item.attempt)
-
     async def _record(
         self, item: Claimed, result: AttemptResult, started: datetime
     ) -> Decision | None:
         """Store the attempt through the group commit; if that fails, try twice more on its
-        own, then leave it to the lease (the next claim records the attempt as interrupted)."""
+        own, then give up: the message stays leased to this worker, which no longer holds it,
+        and the heartbeat hands it back after DEAD_AFTER (relay.leases, strays)."""
         finished = Finished(item, result, started, self.outbox.clock())
         for tries in range(3):
             try:
@@ -490,7 +562,8 @@ def run_worker(
     startup: Startup | None = None,
     rules: Rules | None = None,
 ) -> None:
-    """`relay worker`: SIGTERM/SIGINT stop claiming and let what is in flight finish.
+    """`relay worker`: the first SIGTERM/SIGINT stops gracefully (Worker.stop), a second one
+    exits at once (`force_exit`).
 
     `startup(resolver)` runs in the background while delivery starts (the CLI passes the
     doctor's checks, logged); `--once` (cron, tests) skips it, so a run every minute neither
@@ -506,10 +579,15 @@ def run_worker(
     worker = Worker(store, settings, resolver=resolver, metrics=metrics, alerts=dispatcher)
     server = serve_metrics(settings, worker)
 
+    def on_signal(sig: signal.Signals) -> None:
+        if worker.stopping:
+            force_exit(worker, sig)
+        worker.stop()
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, on_signal, sig)
         checks = asyncio.create_task(
             _guarded(startup(resolver)) if startup is not None and not once else asyncio.sleep(0)
         )
@@ -543,6 +621,24 @@ def serve_metrics(settings: Settings, worker: Worker) -> MetricsServer | None:
     server = MetricsServer(bind[0], bind[1], app)
     event(log, "worker.metrics", address=f"{bind[0]}:{server.port}")
     return server
+
+
+def force_exit(worker: Worker, sig: signal.Signals) -> None:
+    """The second signal: leave now, as a kill would. Nothing is released or deregistered;
+    the heartbeat stops, so other workers reclaim the leases after RELAY_WORKER_DEAD_AFTER (at
+    once when a worker starts again on this host)."""
+    event(
+        log,
+        "worker.stop_forced",
+        logging.WARNING,
+        id=worker.id,
+        signal=sig.name,
+        in_flight=len(worker.leases),
+    )
+    for handler in logging.getLogger("relay").handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(128 + int(sig))
 
 
 async def _guarded(checks: Awaitable[None]) -> None:

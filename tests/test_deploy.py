@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from relay.config import documented_variables
+from relay.config import Settings, documented_variables
 from relay.web import forms
 from tests.conftest import unavailable
 
@@ -92,11 +92,27 @@ def test_systemd_units_are_sandboxed(name: str) -> None:
     assert any(line.startswith("ExecStart=" + INSTALL_BIN) for line in service)
 
 
-def test_worker_stops_gracefully() -> None:
+def _seconds(value: str) -> int:
+    match = re.fullmatch(r"(\d+)s?", value.strip())
+    assert match, f"{value!r}: give the timeout in seconds"
+    return int(match.group(1))
+
+
+def test_worker_stop_timeouts_match_the_workers_own() -> None:
+    """systemd and compose kill the worker this long after SIGTERM: the worker's
+    RELAY_WORKER_STOP_TIMEOUT for the deliveries in flight, plus time to hand back the rest,
+    QUIT and deregister, and not so much more that a stuck stop holds a redeploy up."""
+    stop_timeout = Settings.model_fields["worker_stop_timeout"].default
     service = _unit("formrelay-worker.service")["Service"]
     assert "KillSignal=SIGTERM" in service
-    stop = next(line for line in service if line.startswith("TimeoutStopSec="))
-    assert int(re.sub(r"\D", "", stop)) >= 30
+    assert not any("RELAY_WORKER_STOP_TIMEOUT" in line for line in service)
+    systemd = _seconds(next(line for line in service if line.startswith("TimeoutStopSec="))[15:])
+    worker = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["worker"]
+    assert worker["stop_signal"] == "SIGTERM"
+    assert "RELAY_WORKER_STOP_TIMEOUT" not in worker.get("environment", {})
+    compose = _seconds(worker["stop_grace_period"])
+    assert systemd == compose
+    assert stop_timeout + 10 <= systemd <= stop_timeout + 30
 
 
 def test_alerts_timer_runs_the_check_every_minute() -> None:

@@ -780,3 +780,243 @@ def test_sigterm_lets_the_attempt_in_flight_finish(
     assert row.last_code == 451
     assert row.lease_owner is None
     assert "delivery.deferred" in log.read_text()
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_second_signal_exits_at_once_and_the_next_worker_takes_over(
+    database_url: str,
+    base_env: dict[str, str],
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+    make_settings: Callable[..., Settings],
+    tmp_path: Path,
+) -> None:
+    """SIGTERM, then SIGTERM again while an attempt is held inside DATA: the worker leaves at
+    once (128 + 15) without handing anything back; a worker started on the same host sees
+    the old process is gone and delivers the message without waiting for any timeout."""
+    handler = mx_server.handler
+    assert isinstance(handler, GatedHandler)
+    env = worker_env(
+        base_env,
+        RELAY_DATABASE_URL=database_url,
+        RELAY_DNS_NAMESERVERS=world_dns.address,
+        RELAY_SMTP_PORT=str(mx_server.port),
+    )
+    store = Outbox(database_url)
+    log = tmp_path / "worker.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        outbox_id = store.enqueue(built(make_settings()))
+        handler.hold_data = True
+        procs.append(start_worker(env, tmp_path, log))
+        assert handler.in_data.wait(30), log.read_text()
+        procs[0].send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert procs[0].poll() is None, "the first signal waits for the attempt"
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(5) == 128 + signal.SIGTERM, log.read_text()
+        assert store.get(outbox_id).status == "sending"  # nothing released
+        restarted = time.monotonic()
+        procs.append(start_worker(env, tmp_path, log))
+        deadline = restarted + 15  # well inside RELAY_WORKER_DEAD_AFTER and the lease
+        while store.get(outbox_id).status != "delivered":
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        assert procs[1].wait(20) == 0, log.read_text()
+        detail = store.show(outbox_id)
+    finally:
+        handler.release.set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        store.dispose()
+    assert [a.outcome for a in detail.attempts] == ["interrupted", "delivered"]
+    text = log.read_text()
+    assert "worker.stop_forced" in text
+    assert "worker.dead dead=" in text
+    assert 'reason="process gone"' in text  # worker.reclaimed's
+
+
+# --- leases lost and graceful stops ---------------------------------------------------------
+
+
+class GatedSeam:
+    """A delivery that asks `before_dot` as relay.mail.smtp does: it waits at "DATA" until
+    `go`, asks, then (past the dot) waits for `finish` and reports a delivery."""
+
+    def __init__(self) -> None:
+        self.at_data = asyncio.Event()
+        self.go = asyncio.Event()
+        self.finish = asyncio.Event()
+        self.past_dot = asyncio.Event()
+        self.cancelled = 0
+
+    async def __call__(self, signed: bytes, *, before_dot: Any, **_: Any) -> Any:
+        self.at_data.set()
+        try:
+            await self.go.wait()
+            await before_dot()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        self.past_dot.set()
+        await self.finish.wait()
+        return delivered()
+
+
+DEAD_AFTER = 15
+
+
+@pytest.mark.parametrize("learnt_at", ["beat", "dot"])
+async def test_a_lease_lost_before_the_dot_cuts_the_attempt_off(
+    learnt_at: str,
+    store: Outbox,
+    clock: FakeClock,
+    quick_settings: Settings,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker was silent past RELAY_WORKER_DEAD_AFTER and another took the message: at
+    its next beat, or when it asks before the final dot, the attempt is cancelled unsent."""
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    outbox_id = store.enqueue(built(quick_settings))
+    seam = GatedSeam()
+    worker = Worker(
+        store, quick_settings, gated_deliver=seam, poll_interval=0.05, heartbeat_interval=3600
+    )
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(seam.at_data.wait(), 10)
+    clock.advance(DEAD_AFTER + 1)
+    (taken,) = store.claim("thief", 1, 300, dead_after=DEAD_AFTER)
+    assert taken.token == 2
+    if learnt_at == "beat":
+        assert await worker.leases.beat()
+    else:
+        worker.leases.confirm_window = 0  # every dot asks the store first
+        seam.go.set()
+    async with asyncio.timeout(10):
+        while seam.cancelled == 0:
+            await asyncio.sleep(0.01)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert not seam.past_dot.is_set()
+    detail = store.show(outbox_id)
+    assert (detail.message.status, detail.message.lease_owner) == ("sending", "thief")
+    assert [(a.outcome, a.worker) for a in detail.attempts] == [("interrupted", worker.id)]
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    (lost,) = [line for line in lines if line.startswith("worker.leases_lost")]
+    assert f"ids={outbox_id}" in lost
+    assert "cut_off=1 finishing=0" in lost
+    assert any(
+        line.startswith(f"delivery.interrupted id={outbox_id}")
+        and "reason=lease_lost sent=0" in line
+        for line in lines
+    )
+
+
+async def test_an_attempt_past_the_dot_is_recorded_when_its_lease_was_lost(
+    store: Outbox, clock: FakeClock, quick_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Too late to cut off: it ends, its delivery is stored against the message (which it
+    ends, taking it from the new owner) and flagged as a possible duplicate."""
+    caplog.set_level(logging.INFO, logger="relay")
+    outbox_id = store.enqueue(built(quick_settings))
+    seam = GatedSeam()
+    seam.go.set()
+    worker = Worker(
+        store, quick_settings, gated_deliver=seam, poll_interval=0.05, heartbeat_interval=3600
+    )
+    task = asyncio.create_task(worker.run())
+    await asyncio.wait_for(seam.past_dot.wait(), 10)
+    clock.advance(DEAD_AFTER + 1)
+    (taken,) = store.claim("thief", 1, 300, dead_after=DEAD_AFTER)
+    assert await worker.leases.beat()
+    seam.finish.set()
+    async with asyncio.timeout(10):
+        while store.get(outbox_id).status != "delivered":
+            await asyncio.sleep(0.02)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    assert seam.cancelled == 0
+    row = store.get(outbox_id)
+    assert row.possible_duplicate
+    assert row.claim_token == taken.token + 1  # the thief's own record is fenced off now
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("worker.leases_lost" in line and "cut_off=0 finishing=1" in line for line in lines)
+    assert any(
+        line.startswith(f"delivery.lease_lost id={outbox_id}") and "took_over=True" in line
+        for line in lines
+    )
+
+
+async def test_stop_hands_back_an_attempt_cut_off_before_the_dot_without_a_duplicate_flag(
+    store: Outbox,
+    quick_settings: Settings,
+    mx_server: SMTPPeer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Real SMTP: the MX never answers RCPT. Past the stop timeout the attempt is cut off;
+    it never got to the dot, so the message is due again at once and not a possible
+    duplicate; the worker deregisters."""
+    from tests.peers.smtp import HANG
+
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    mx_server.handler.rcpt.append(HANG)
+    outbox_id = store.enqueue(built(quick_settings))
+    worker = Worker(store, quick_settings, poll_interval=0.05, shutdown_grace=0.3)
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(10):
+        while store.get(outbox_id).status != "sending":
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # inside RCPT by now
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    detail = store.show(outbox_id)
+    assert detail.message.status == "deferred"
+    assert not detail.message.possible_duplicate
+    assert [(a.outcome, a.possible_duplicate) for a in detail.attempts] == [("interrupted", False)]
+    assert store.claim("next", 1, 300)[0].id == outbox_id  # due now
+    (row,) = store.workers.list_workers()
+    assert row.stop_reason == "stopped"
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    assert any(line.startswith("worker.stopping") and "in_flight=1" in line for line in lines)
+    assert any(line.startswith(f"worker.released id={worker.id} count=1") for line in lines)
+    assert any(line.startswith("worker.deregistered") for line in lines)
+
+
+async def test_a_message_leased_to_the_worker_that_it_never_heard_of_is_handed_back(
+    store: Outbox, clock: FakeClock, quick_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A claim made under the worker's name whose reply it never got: after DEAD_AFTER its
+    beat hands the message back (an interrupted attempt that may have been sent), and it is
+    delivered, instead of waiting for the 300 s lease."""
+    caplog.set_level(logging.INFO, logger="relay.worker")
+    deliver = ScriptedDeliver(delivered())
+    worker = Worker(store, quick_settings, deliver=deliver, poll_interval=0.05)
+    task = asyncio.create_task(worker.run())
+    async with asyncio.timeout(10):
+        while not worker.leases.registered:
+            await asyncio.sleep(0.01)
+    outbox_id = store.enqueue(built(quick_settings))
+    (lost_reply,) = store.claim(worker.id, 1, 300)
+    clock.advance(DEAD_AFTER + 1)
+    assert await worker.leases.beat()
+    async with asyncio.timeout(10):
+        while store.get(outbox_id).status != "delivered":
+            await asyncio.sleep(0.02)
+    worker.stop()
+    await asyncio.wait_for(task, 10)
+    detail = store.show(outbox_id)
+    assert [(a.number, a.outcome) for a in detail.attempts] == [
+        (1, "interrupted"),
+        (2, "delivered"),
+    ]
+    assert detail.message.possible_duplicate
+    lines = [r.getMessage() for r in caplog.records if r.name == "relay.worker"]
+    assert any(
+        line.startswith("worker.released")
+        and f"ids={lost_reply.id}" in line
+        and "reason=not_held" in line
+        for line in lines
+    )

@@ -12,6 +12,11 @@ the final dot, or a parked session (relay.mail.sessions) from MAIL FROM on.
   caller logs it and sends the message over a fresh connection.
 - The DATA payload is the signed bytes, only dot-stuffed and terminated here; nothing
   re-serialises a message object, so the DKIM signature stays valid.
+- `Job.before_dot`, when set, is awaited after the 354 and before the message and its final
+  dot are written: the last moment an attempt can still be called off without the server
+  having the message. The worker confirms its lease there and cancels the attempt when it
+  lost it; the connection is then closed without the dot (no QUIT: the server is reading
+  data), and the server discards the unfinished message.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +46,8 @@ from relay.config import Settings
 from relay.errors import ConnectionFailure, DeliveryError, SMTPReplyError
 from relay.mail.attempt import HostTry
 from relay.mail.sessions import Session, SessionCache, SessionKey, TLSPolicy, hang_up
+
+BeforeDot = Callable[[], Awaitable[None]]
 
 STAGES = ("connect", "greeting", "ehlo", "starttls", "auth", "mail", "rcpt", "data", "dot")
 
@@ -107,6 +115,7 @@ class Job:
     context: ssl.SSLContext
     username: str | None = None
     password: str | None = None
+    before_dot: BeforeDot | None = None
 
 
 @dataclass
@@ -395,7 +404,9 @@ class Conversation:
         await self._command(b"RCPT", b"TO:" + recipient, accepted=(250, 251))
         self.stage = "data"
         await self._command(b"DATA", accepted=(354,))
-        protocol = self.smtp.protocol
+        if self.job.before_dot is not None:
+            await self.job.before_dot()
+        protocol = self.smtp.protocol if self.smtp is not None else None
         if protocol is None:
             raise SMTPServerDisconnected("connection lost after 354")
         protocol.write(self.job.payload)

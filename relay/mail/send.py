@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.config import Settings
 from relay.mail.attempt import AttemptResult
+
+if TYPE_CHECKING:
+    from relay.mail.conversation import BeforeDot
 
 
 class DeliverFn(Protocol):
@@ -25,6 +28,21 @@ class DeliverFn(Protocol):
         envelope_from: str,
         settings: Settings,
         resolver: Any,
+    ) -> AttemptResult: ...
+
+
+class GatedDeliverFn(Protocol):
+    """relay.mail.smtp.deliver with the hook it awaits before each final dot."""
+
+    async def __call__(
+        self,
+        signed: bytes,
+        *,
+        recipient: str,
+        envelope_from: str,
+        settings: Settings,
+        resolver: Any,
+        before_dot: BeforeDot,
     ) -> AttemptResult: ...
 
 

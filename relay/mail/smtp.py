@@ -49,7 +49,15 @@ from relay.errors import (
 )
 from relay.logs import event
 from relay.mail.attempt import AttemptResult, HostTry, Outcome
-from relay.mail.conversation import Conversation, Ended, Job, Target, dot_stuff, tls_context
+from relay.mail.conversation import (
+    BeforeDot,
+    Conversation,
+    Ended,
+    Job,
+    Target,
+    dot_stuff,
+    tls_context,
+)
 from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
 from relay.mail.sessions import Session, SessionCache, SessionKey, TLSPolicy
 
@@ -216,13 +224,15 @@ async def deliver(
     rng: random.Random | None = None,
     cafile: str | Path | None = None,
     sessions: SessionCache | None = None,
+    before_dot: BeforeDot | None = None,
 ) -> AttemptResult:
     """Make one delivery attempt of `signed` to `recipient`; never raises for delivery faults.
 
     `rng` orders MX hosts of equal preference (tests seed it); `cafile` replaces the system
     CAs under smtp_tls=verify (tests pass their own CA). With `sessions`, a target that has a
     parked session gets the message over it, and an accepted message leaves its session
-    there; without, every conversation ends in QUIT.
+    there; without, every conversation ends in QUIT. `before_dot` is awaited before each
+    final dot (relay.mail.conversation) and may cancel the attempt.
     """
     smarthost = settings.smarthost_address is not None
     policy: TLSPolicy = settings.smtp_tls
@@ -239,6 +249,7 @@ async def deliver(
         context=tls_context(policy, cafile),
         username=settings.smarthost_username if smarthost else None,
         password=password.get_secret_value() if smarthost and password else None,
+        before_dot=before_dot,
     )
     attempt = _Attempt(job, sessions)
     try:

@@ -148,7 +148,7 @@ def send(
     click.echo(f"queued {accepted.id} {accepted.message_id}; `relay worker` delivers it")
 
 
-# --- outbox: worker, log, show, retry, purge, queue-check, db ------------------------------
+# --- outbox: worker, log, show, retry, purge, queue-check, workers, db ---------------------
 
 
 def _outbox(ctx: click.Context) -> Outbox:
@@ -312,14 +312,48 @@ def purge(ctx: click.Context, days: float) -> None:
 )
 @click.pass_context
 def queue_check(ctx: click.Context, max_age: int, failed_within: Any) -> None:
-    """Exit 1 if a message failed or waited longer than --max-age seconds (for cron)."""
+    """Exit 1 if a message failed, waited longer than --max-age seconds, or mail is due while
+    no worker has sent a heartbeat within RELAY_WORKER_DEAD_AFTER (for cron)."""
+    dead_after = timedelta(seconds=get_settings(ctx).worker_dead_after)
     try:
-        health = _outbox(ctx).queue_check(timedelta(seconds=max_age), failed_within=failed_within)
+        health = _outbox(ctx).queue_check(
+            timedelta(seconds=max_age), failed_within=failed_within, dead_after=dead_after
+        )
     except StoreError as exc:
         fail(f"relay queue-check: {exc}")
     if not health.ok:
         fail(health.reason)
     click.echo(health.reason)
+
+
+@main.command("workers")
+@click.option(
+    "--since",
+    callback=_duration,
+    default="1d",
+    show_default=True,
+    help="Also the workers that stopped or died this recently.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def workers_command(ctx: click.Context, since: Any, as_json: bool) -> None:
+    """Delivery workers, latest heartbeat first: live, dead (silent for longer than
+    RELAY_WORKER_DEAD_AFTER) or stopped, with the messages each holds."""
+    dead_after = float(get_settings(ctx).worker_dead_after)
+    store = _outbox(ctx)
+    try:
+        rows = store.workers.list_workers(since=since)
+    except StoreError as exc:
+        fail(f"relay workers: {exc}")
+    now = store.clock()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row.as_dict(now, dead_after)))
+        return
+    if not rows:
+        click.echo("no worker has run within that time")
+        return
+    click.echo(views.workers_table(rows, now, dead_after))
 
 
 @main.group()

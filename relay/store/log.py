@@ -4,7 +4,7 @@ it with the accept and delivery side."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import sqlalchemy as sa
 
@@ -31,6 +31,7 @@ from relay.store.schema import (
     attempts,
     messages,
 )
+from relay.store.workers import Registry
 
 
 class MessageLog(Database):
@@ -252,10 +253,16 @@ class MessageLog(Database):
 
     @replayed
     def queue_check(
-        self, max_age: timedelta, *, failed_within: timedelta | None = None
+        self,
+        max_age: timedelta,
+        *,
+        failed_within: timedelta | None = None,
+        dead_after: timedelta | None = None,
     ) -> QueueHealth:
-        """Healthy unless a message failed (within `failed_within` of now, when given), or one
-        not delivered has waited longer than `max_age`."""
+        """Healthy unless a message failed (within `failed_within` of now, when given), mail
+        has been due for longer than `dead_after` while no worker beat within it (a stopped
+        worker is the most common way mail silently stops), or a message not delivered has
+        waited longer than `max_age`."""
         now = self.clock()
         m = messages.c
         counts = self.counts()
@@ -275,6 +282,10 @@ class MessageLog(Database):
                 f"{failed.failure_reason or 'failed'}",
                 counts,
             )
+        if dead_after is not None:
+            stalled = self._no_worker(now, dead_after)
+            if stalled is not None:
+                return QueueHealth(False, stalled, counts)
         if oldest is not None and now - oldest > max_age:
             return QueueHealth(
                 False,
@@ -287,4 +298,34 @@ class MessageLog(Database):
             f"ok {pending} pending, {counts.get('delivered', 0)} delivered, "
             f"{counts.get('failed', 0)} failed",
             counts,
+        )
+
+    def _no_worker(self, now: datetime, dead_after: timedelta) -> str | None:
+        """Why the queue stands still, if it does: mail due for `dead_after` and no worker
+        that beat within it."""
+        m = messages.c
+        with self.tx() as conn:
+            due = conn.execute(
+                sa.select(sa.func.count()).where(
+                    m.status.in_(DUE_STATUSES),
+                    m.next_attempt_at <= now - dead_after,
+                    m.body.is_not(None),
+                )
+            ).scalar()
+        if not due:
+            return None
+        latest = Registry(self).latest_beat()
+        if latest is not None and now - latest.beat_at <= dead_after:
+            return None
+        limit = human_age(dead_after)
+        if latest is None:
+            seen = "no worker is registered"
+        else:
+            seen = (
+                f"the last heartbeat came {human_age(now - latest.beat_at)} ago from "
+                f"{latest.id} (pid {latest.pid} on {latest.host})"
+            )
+        return (
+            f"{due} message(s) due and no worker has sent a heartbeat within {limit} "
+            f"(RELAY_WORKER_DEAD_AFTER): {seen}; is `relay worker` running?"
         )

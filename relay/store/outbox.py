@@ -2,9 +2,12 @@
 
 The API the web, the worker and the operator use. Enqueue stores an unsigned message, due
 now (concurrent enqueues share a transaction: `group_commit`). Claiming hands a due message
-to one worker under a lease: on PostgreSQL claimers skip each other's rows (FOR UPDATE SKIP
-LOCKED); on SQLite the claim is one short BEGIN IMMEDIATE transaction. Recording an attempt
-stores it with every host it tried and moves the message on as `retry.decide` says.
+to one worker under a lease and a new fencing token (`claim_token`): on PostgreSQL claimers
+skip each other's rows (FOR UPDATE SKIP LOCKED); on SQLite the claim is one short BEGIN
+IMMEDIATE transaction. A message still `sending` is claimed again when its worker is dead
+(no heartbeat for `dead_after`, or deregistered: relay.store.workers) or its lease expired.
+Recording an attempt stores it with every host it tried and moves the message on as
+`retry.decide` says, but only for the claim that holds the message now.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from relay.store.records import (
     Finished,
 )
 from relay.store.retry import Decision, RetryPolicy, decide, human_age
-from relay.store.schema import DUE_STATUSES, attempt_hosts, attempts, messages
+from relay.store.schema import DUE_STATUSES, attempt_hosts, attempts, messages, workers
+from relay.store.workers import Registry, dead_clause
 
 log = logging.getLogger("relay.outbox")
 
@@ -42,6 +46,7 @@ INTERRUPTED = (
     "the server may have accepted the message"
 )
 STOPPED = "the worker stopped during the attempt; the server may have accepted the message"
+NOT_SENT = "the worker stopped the attempt before the final dot; the server does not have it"
 
 
 def new_id() -> str:
@@ -83,6 +88,7 @@ class Outbox(MessageLog):
         super().__init__(url, clock=clock, auto_migrate=auto_migrate, busy_timeout=busy_timeout)
         self._enqueue = GroupCommit(self, _insert_messages)
         self.alerts = AlertStore(self)
+        self.workers = Registry(self)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Callable[[], datetime] = utcnow) -> Outbox:
@@ -128,14 +134,22 @@ class Outbox(MessageLog):
 
     @replayed
     def claim(
-        self, owner: str, limit: int, lease_seconds: float, *, give_up: float | None = None
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        give_up: float | None = None,
+        dead_after: float | None = None,
     ) -> list[Claimed]:
         """Take up to `limit` due messages under a lease held by `owner`.
 
-        A message still `sending` whose lease expired lost its worker mid-attempt: that attempt
-        is recorded as interrupted and the message flagged as a possible duplicate, since the
-        worker may have died after the server accepted it. Past `give_up` seconds of age such
-        a message fails instead, so one that kills every worker cannot loop for ever.
+        A message still `sending` lost its worker mid-attempt: with `dead_after`, at once when
+        that worker deregistered or has not beaten for `dead_after` seconds (those come
+        first), otherwise when its lease expired. That attempt is recorded as interrupted and
+        the message flagged as a possible duplicate, since the worker may have got as far as
+        the server's acceptance. Past `give_up` seconds of age such a message fails instead,
+        so one that kills every worker cannot loop for ever.
         """
         if limit <= 0:
             return []
@@ -149,13 +163,22 @@ class Outbox(MessageLog):
             "next_attempt_at": expires,
             "claimed_at": now,
             "first_attempt_at": sa.func.coalesce(m.first_attempt_at, now),
+            "claim_token": m.claim_token + 1,
         }
         claimed: list[Claimed] = []
         fresh: list[str] = []  # queued or deferred: one UPDATE claims them all
+        reclaimed: list[Any] = []
         with self.tx() as conn:
-            for row in conn.execute(self._due(now, limit)).all():
+            rows: list[Any] = []
+            if dead_after is not None:
+                rows = list(conn.execute(self._orphaned(owner, now, dead_after, limit)).all())
+            if len(rows) < limit:
+                taken = [row.id for row in rows]
+                rows += conn.execute(self._due(now, limit - len(rows), exclude=taken)).all()
+            for row in rows:
                 number = row.attempts + 1
                 if row.status == "sending":
+                    reclaimed.append(row)
                     number = self._reclaim(conn, row, now, lease, give_up)
                     if number is None:
                         continue
@@ -171,29 +194,63 @@ class Outbox(MessageLog):
                         attempt=number,
                         created_at=row.created_at,
                         claimed_at=now,
+                        token=int(row.claim_token) + 1,
                     )
                 )
             if fresh:
                 conn.execute(messages.update().where(m.id.in_(fresh)).values(**lease))
+        if reclaimed:
+            self.workers.log_reclaimed(owner, reclaimed, now, dead_after)
         return claimed
 
-    def _due(self, now: datetime, limit: int) -> sa.Select[Any]:
+    _CLAIM_COLUMNS = (
+        "id",
+        "message_id",
+        "body",
+        "recipient",
+        "envelope_from",
+        "attempts",
+        "created_at",
+        "status",
+        "claimed_at",
+        "lease_owner",
+        "claim_token",
+    )
+
+    def _due(self, now: datetime, limit: int, *, exclude: Sequence[str] = ()) -> sa.Select[Any]:
         """The messages a claim takes: due, not purged, longest waiting first."""
         m = messages.c
         query = (
-            sa.select(
-                m.id,
-                m.message_id,
-                m.body,
-                m.recipient,
-                m.envelope_from,
-                m.attempts,
-                m.created_at,
-                m.status,
-                m.claimed_at,
-                m.lease_owner,
-            )
+            sa.select(*(m[name] for name in self._CLAIM_COLUMNS))
             .where(m.status.in_(DUE_STATUSES), m.next_attempt_at <= now, m.body.is_not(None))
+            .order_by(m.next_attempt_at)
+            .limit(limit)
+        )
+        if exclude:
+            query = query.where(m.id.not_in(list(exclude)))
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True, of=messages)
+        return query
+
+    def _orphaned(self, owner: str, now: datetime, dead_after: float, limit: int) -> sa.Select[Any]:
+        """Messages being sent by a worker that is dead or deregistered, whatever their
+        lease says (never our own: our heartbeat renews those, or tells us they are lost)."""
+        m = messages.c
+        w = workers.c
+        query = (
+            sa.select(
+                *(m[name] for name in self._CLAIM_COLUMNS),
+                w.beat_at.label("owner_beat_at"),
+                w.stopped_at.label("owner_stopped_at"),
+                w.stop_reason.label("owner_stop_reason"),
+            )
+            .select_from(messages.join(workers, w.id == m.lease_owner))
+            .where(
+                m.status == "sending",
+                m.lease_owner != owner,
+                m.body.is_not(None),
+                dead_clause(now, dead_after),
+            )
             .order_by(m.next_attempt_at)
             .limit(limit)
         )
@@ -254,6 +311,7 @@ class Outbox(MessageLog):
         now: datetime,
         worker: str | None,
         text: str = INTERRUPTED,
+        possible_duplicate: bool = True,
     ) -> None:
         conn.execute(
             attempts.insert().values(
@@ -263,7 +321,7 @@ class Outbox(MessageLog):
                 finished_at=now,
                 outcome="interrupted",
                 text=text,
-                possible_duplicate=True,
+                possible_duplicate=possible_duplicate,
                 worker=worker,
             )
         )
@@ -289,18 +347,31 @@ class Outbox(MessageLog):
             return int(result.rowcount)
 
     @replayed
-    def release(self, owner: str, ids: Sequence[str], *, started: bool = False) -> int:
-        """Hand claimed messages back, due now (shutdown). `started`: an attempt was cut off,
-        so it is recorded as interrupted and flagged as a possible duplicate."""
+    def release(
+        self,
+        owner: str,
+        ids: Sequence[str] | Mapping[str, int],
+        *,
+        started: bool = False,
+        sent: bool = True,
+    ) -> int:
+        """Hand claimed messages back, due now (shutdown). `ids` may map each id to its claim
+        token, and then only that claim is released. `started`: an attempt was cut off, so
+        it is recorded as interrupted; `sent`: it may have got past the final dot, so the
+        message is flagged as a possible duplicate."""
         if not ids:
             return 0
         now = self.clock()
         m = messages.c
         count = 0
+        if isinstance(ids, Mapping):
+            mine = sa.tuple_(m.id, m.claim_token).in_(list(ids.items()))
+        else:
+            mine = m.id.in_(list(ids))
         with self.tx() as conn:
             rows = conn.execute(
                 sa.select(m.id, m.attempts, m.claimed_at).where(
-                    m.id.in_(list(ids)), m.lease_owner == owner, m.status == "sending"
+                    mine, m.lease_owner == owner, m.status == "sending"
                 )
             ).all()
             for row in rows:
@@ -308,7 +379,7 @@ class Outbox(MessageLog):
                     "status": "deferred" if started or row.attempts else "queued",
                     "lease_owner": None,
                     "lease_expires_at": None,
-                    "next_attempt_at": now,
+                    "next_attempt_at": row.claimed_at or now,  # ahead of what came after it
                 }
                 if started:
                     self._record_interrupted(
@@ -318,13 +389,16 @@ class Outbox(MessageLog):
                         started=row.claimed_at or now,
                         now=now,
                         worker=owner,
-                        text=STOPPED,
+                        text=STOPPED if sent else NOT_SENT,
+                        possible_duplicate=sent,
                     )
-                    values.update(
-                        attempts=row.attempts + 1, possible_duplicate=True, last_attempt_at=now
-                    )
+                    values.update(attempts=row.attempts + 1, last_attempt_at=now)
+                    if sent:
+                        values["possible_duplicate"] = True
                 conn.execute(messages.update().where(m.id == row.id).values(**values))
                 count += 1
+            if count:
+                notify(conn)
         return count
 
     def record_attempt(
@@ -339,8 +413,9 @@ class Outbox(MessageLog):
     ) -> Decision:
         """Store one attempt and every host it tried, then move the message on.
 
-        If another worker took the message over meanwhile (our lease expired), the attempt is
-        still recorded; only a delivery changes the message's state then.
+        If another claim holds the message now (this one's worker was given up for dead or
+        its lease expired), the attempt is still recorded, and only a delivery changes the
+        message: it was delivered, whoever holds it, flagged as a possible duplicate.
         """
         (decision,) = self.record_attempts(
             [Finished(claimed, result, started_at, finished_at)], owner=owner, policy=policy
@@ -359,33 +434,39 @@ class Outbox(MessageLog):
         now = self.clock()
         rows = [_attempt_row(item, now, owner) for item in finished]
         decisions = [_decision(item, row, policy) for item, row in zip(finished, rows, strict=True)]
+        stale: list[tuple[int, bool]] = []  # (index, whether its delivery was applied)
         with self.tx() as conn:
-            self._insert_attempts(conn, finished, rows)
-            lost = []
+            attempt_ids = self._insert_attempts(conn, finished, rows)
             for index, (item, decision, row) in enumerate(
                 zip(finished, decisions, rows, strict=True)
             ):
-                if not self._move_on(conn, item, decision, row, owner):
-                    lost.append(index)
-                elif decision.status == "failed":
-                    add_failure_event(conn, item.claimed.id, decision.reason or "failed", now)
-        for index in lost:
-            decisions[index] = dataclasses.replace(decisions[index], applied=False)
+                if self._move_on(conn, item, decision, row, owner):
+                    if decision.status == "failed":
+                        add_failure_event(conn, item.claimed.id, decision.reason or "failed", now)
+                    continue
+                stale.append((index, self._stale(conn, item, decision, row, attempt_ids[index])))
+        for index, took_over in stale:
+            decisions[index] = dataclasses.replace(decisions[index], applied=took_over)
+            item = finished[index]
             log_event(
                 log,
                 "delivery.lease_lost",
                 logging.WARNING,
-                id=finished[index].claimed.id,
-                attempt=finished[index].claimed.attempt,
-                outcome=finished[index].result.outcome,
+                id=item.claimed.id,
+                attempt=item.claimed.attempt,
+                token=item.claimed.token,
+                worker=owner,
+                outcome=item.result.outcome,
+                possible_duplicate=True if item.result.outcome == "delivered" else None,
+                took_over=True if took_over else None,
             )
         return decisions
 
     def _insert_attempts(
         self, conn: Connection, finished: Sequence[Finished], rows: list[dict[str, Any]]
-    ) -> None:
-        """The attempt rows, and a row per host each attempt tried."""
-        attempt_ids = (
+    ) -> list[int]:
+        """The attempt rows, and a row per host each attempt tried; the attempts' ids."""
+        attempt_ids = list(
             conn.execute(
                 attempts.insert().returning(attempts.c.id, sort_by_parameter_order=True), rows
             )
@@ -399,6 +480,7 @@ class Outbox(MessageLog):
         ]
         if host_rows:
             conn.execute(attempt_hosts.insert(), host_rows)
+        return attempt_ids
 
     def _move_on(
         self,
@@ -408,32 +490,75 @@ class Outbox(MessageLog):
         row: dict[str, Any],
         owner: str,
     ) -> bool:
-        """Apply the decision to the message; False when the lease was lost (another worker
-        took it over), unless it was delivered, which applies whoever holds it now."""
+        """Apply the decision to the message; False when this claim no longer holds it (its
+        token is not the message's: another claim took over)."""
         m = messages.c
-        values: dict[str, Any] = {
-            "status": decision.status,
-            "attempts": item.claimed.attempt,
-            "last_attempt_at": row["finished_at"],
-            "next_attempt_at": decision.next_attempt_at,
-            "last_code": row["code"],
-            "last_enhanced_status": row["enhanced_status"],
-            "last_mx": row["mx_host"],
-            "last_text": row["text"],
-            "lease_owner": None,
-            "lease_expires_at": None,
-            "failure_reason": decision.reason,
-            "finished_at": (
-                row["finished_at"] if decision.status in ("delivered", "failed") else None
-            ),
-        }
-        if item.result.possible_duplicate:
-            values["possible_duplicate"] = True
-        owned = (m.lease_owner == owner) & (m.status == "sending")
-        if decision.status == "delivered":
-            owned = owned | m.status.in_(DUE_STATUSES)
+        values = _moved_on(item, decision, row)
+        values["attempts"] = item.claimed.attempt
+        owned = (
+            (m.lease_owner == owner)
+            & (m.status == "sending")
+            & (m.claim_token == item.claimed.token)
+        )
         update = messages.update().where(m.id == item.claimed.id, owned).values(**values)
         return bool(conn.execute(update).rowcount)
+
+    def _stale(
+        self,
+        conn: Connection,
+        item: Finished,
+        decision: Decision,
+        row: dict[str, Any],
+        attempt_id: int,
+    ) -> bool:
+        """The outcome of a claim that lost the message. A delivery (or a lost connection
+        after the dot) may be a second copy: the message and this attempt are flagged. A
+        delivery also ends the message, whoever holds it (it did reach the server), with a
+        new token, so the holder's own attempt is fenced off too and its worker, told at its
+        next beat, cuts it off before the dot. True when that took the message over."""
+        m = messages.c
+        delivered = decision.status == "delivered"
+        if not delivered and not item.result.possible_duplicate:
+            return False
+        conn.execute(
+            attempts.update().where(attempts.c.id == attempt_id).values(possible_duplicate=True)
+        )
+        took_over = False
+        if delivered:
+            values = _moved_on(item, decision, row)
+            values.update(possible_duplicate=True, claim_token=m.claim_token + 1)
+            took_over = bool(
+                conn.execute(
+                    messages.update()
+                    .where(m.id == item.claimed.id, m.status != "delivered")
+                    .values(**values)
+                ).rowcount
+            )
+        if not took_over:
+            conn.execute(
+                messages.update().where(m.id == item.claimed.id).values(possible_duplicate=True)
+            )
+        return took_over
+
+
+def _moved_on(item: Finished, decision: Decision, row: Mapping[str, Any]) -> dict[str, Any]:
+    """The message's columns after an attempt that decided `decision`."""
+    values: dict[str, Any] = {
+        "status": decision.status,
+        "last_attempt_at": row["finished_at"],
+        "next_attempt_at": decision.next_attempt_at,
+        "last_code": row["code"],
+        "last_enhanced_status": row["enhanced_status"],
+        "last_mx": row["mx_host"],
+        "last_text": row["text"],
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "failure_reason": decision.reason,
+        "finished_at": row["finished_at"] if decision.status in ("delivered", "failed") else None,
+    }
+    if item.result.possible_duplicate:
+        values["possible_duplicate"] = True
+    return values
 
 
 def _attempt_row(item: Finished, now: datetime, owner: str) -> dict[str, Any]:

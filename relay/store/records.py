@@ -26,6 +26,7 @@ class Claimed:
     attempt: int  # the number this attempt will have
     created_at: datetime
     claimed_at: datetime
+    token: int = 0  # messages.claim_token of this claim: what renewals and records must match
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class MessageRow:
     held_by: str | None = None
     visitor: str | None = None
     purpose: str = "form"
+    claim_token: int = 0
 
     @property
     def last_reply(self) -> str:

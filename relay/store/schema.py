@@ -1,7 +1,11 @@
 """The outbox's tables, as SQLAlchemy Core metadata (Alembic migrations create them).
 
 While a message is `sending`, `next_attempt_at` holds its lease expiry, so a message whose
-worker died becomes due again through the same (status, next_attempt_at) index. A `held`
+worker stopped renewing it becomes due again through the same (status, next_attempt_at) index.
+`claim_token` counts the claims of a message: the fencing token a worker's renewals and records
+must match, so a worker that lost a message can never overwrite what its new owner did.
+`workers` is the registry of delivery workers and their heartbeats (relay.store.workers): a
+message whose worker stopped beating is reclaimed before its lease runs out. A `held`
 message matched an operator's hold rule (`held_by`): stored, never claimed, until the
 operator releases or discards it.
 
@@ -81,6 +85,7 @@ messages = sa.Table(
     sa.Column("held_by", sa.Text, nullable=True),  # the hold rule that matched
     sa.Column("visitor", sa.String(320), nullable=True),  # Reply-To, for the console's search
     sa.Column("purpose", sa.String(16), nullable=False, server_default="form"),
+    sa.Column("claim_token", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_messages_due", "status", "next_attempt_at"),
     # The console's log, newest first by keyset (created_at, id): all of it, or one status.
     sa.Index("ix_messages_created_id", "created_at", "id"),
@@ -175,4 +180,21 @@ alert_deliveries = sa.Table(
     sa.Column("sent_at", _ts, nullable=True),
     sa.Index("ix_alert_deliveries_due", "status", "next_attempt_at"),
     sa.Index("ix_alert_deliveries_alert", "alert_id"),
+)
+
+workers = sa.Table(
+    "workers",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("host", sa.String(255), nullable=False),
+    # Boot id and PID namespace: where `pid` means something (a dead local worker is seen at once).
+    sa.Column("node", sa.String(128), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("concurrency", sa.Integer, nullable=False),
+    sa.Column("started_at", _ts, nullable=False),
+    sa.Column("beat_at", _ts, nullable=False),
+    sa.Column("stopped_at", _ts, nullable=True),
+    sa.Column("stop_reason", sa.String(64), nullable=True),
+    sa.Index("ix_workers_beat", "beat_at"),
 )

@@ -14,6 +14,7 @@ from typing import Any
 from relay.mail.attempt import format_reply
 from relay.store.records import MessageDetail, MessageRow
 from relay.store.retry import human_age
+from relay.store.workers import WorkerRow
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -64,6 +65,37 @@ def log_table(rows: Sequence[MessageRow], now: datetime, *, reply_width: int | N
     if any(row.possible_duplicate for row in rows):
         out.append("* possible duplicate: a connection dropped after the message was sent")
     return "\n".join(out)
+
+
+def workers_table(
+    rows: Sequence[WorkerRow], now: datetime, dead_after: float, *, shown: int = 3
+) -> str:
+    """`relay workers`: one line per worker, latest beat first, with what it holds."""
+    header = ("ID", "STATE", "LAST BEAT", "HOST", "PID", "STARTED", "HOLDS")
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        holds = str(len(row.holds))
+        if row.holds:
+            more = "…" if len(row.holds) > shown else ""
+            holds += ": " + ",".join(row.holds[:shown]) + more
+        state: str = row.state(now, dead_after)
+        if state == "stopped" and row.stop_reason not in (None, "stopped"):
+            state += f" ({row.stop_reason})"
+        lines.append(
+            (
+                row.id,
+                state,
+                human_age(now - row.beat_at) + " ago",
+                row.host,
+                str(row.pid),
+                human_age(now - row.started_at) + " ago",
+                holds,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in lines
+    )
 
 
 def log_record(row: MessageRow, now: datetime) -> dict[str, Any]:

@@ -48,20 +48,57 @@ class FaultHandler(ScriptedHandler):
     - `accept_then_hang`: take the whole message (it counts as received), then never answer
       the final "." (the reply is lost: a retry is a duplicate);
     - `greylist_each_message`: 451 at DATA for the first sight of each Message-ID, so every
-      message needs exactly two attempts even though sender and recipient never change.
+      message needs exactly two attempts even though sender and recipient never change;
+    - `hold_data_command`: hold the 354 to DATA until `release_hold` (the worker waits just
+      before it would send the message);
+    - `hold_dot_reply`: take the whole message (it counts as received), then hold the reply
+      to the final "." until `release_hold`, and answer 250;
+    - `data_delay`: take the whole message, then answer 250 that many seconds later (a
+      receiver that scans what it gets).
     """
 
     def __init__(self, *, greylist_seconds: float | None = None) -> None:
         super().__init__(greylist_seconds=greylist_seconds)
         self.hang_mid_data = 0
         self.accept_then_hang = 0
+        self.hold_data_command = 0
+        self.hold_dot_reply = 0
+        self.data_delay = 0.0
+        self.release_hold = threading.Event()
         self.greylist_each_message = False
         self.parked = threading.Event()
         self._seen_ids: set[str] = set()
         self.greylisted = 0
 
+    def received(self, session: Session, envelope: Envelope) -> None:
+        with self.lock:
+            self.messages.append(
+                Received(
+                    mail_from=str(envelope.mail_from),
+                    rcpt_tos=list(envelope.rcpt_tos),
+                    data=bytes(envelope.original_content or b""),
+                    peer=str(session.peer[0]) if session.peer else "",
+                    helo=session.host_name,
+                    tls=None,
+                )
+            )
+
+    async def held(self) -> None:
+        self.parked.set()
+        while not self.release_hold.is_set():
+            await asyncio.sleep(0.05)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         data = bytes(envelope.original_content or b"")
+        if self.hold_dot_reply:
+            self.hold_dot_reply -= 1
+            self.received(session, envelope)
+            await self.held()
+            return "250 2.0.0 Queued after a long scan"
+        if self.data_delay:
+            self.received(session, envelope)
+            await asyncio.sleep(self.data_delay)
+            return "250 2.0.0 Queued"
         if self.greylist_each_message:
             message_id = str(message_from_bytes(data)["Message-ID"]).strip()
             with self.lock:
@@ -73,17 +110,7 @@ class FaultHandler(ScriptedHandler):
                 return "451 4.7.1 Greylisted, please try again later"
         if self.accept_then_hang:
             self.accept_then_hang -= 1
-            with self.lock:
-                self.messages.append(
-                    Received(
-                        mail_from=str(envelope.mail_from),
-                        rcpt_tos=list(envelope.rcpt_tos),
-                        data=data,
-                        peer=str(session.peer[0]) if session.peer else "",
-                        helo=session.host_name,
-                        tls=None,
-                    )
-                )
+            self.received(session, envelope)
             self.parked.set()
             await asyncio.sleep(3600)
         return await super().handle_DATA(server, session, envelope)
@@ -92,6 +119,9 @@ class FaultHandler(ScriptedHandler):
 class FaultSMTP(FaultySMTP):
     async def smtp_DATA(self, arg: str) -> None:
         handler = self.event_handler
+        if isinstance(handler, FaultHandler) and handler.hold_data_command:
+            handler.hold_data_command -= 1
+            await handler.held()
         if isinstance(handler, FaultHandler) and handler.hang_mid_data:
             handler.hang_mid_data -= 1
             await self.push("354 End data with <CR><LF>.<CR><LF>")

@@ -20,7 +20,6 @@ from markupsafe import escape
 
 from relay.store.outbox import Outbox
 from tests.conftest import POSTGRES_ADMIN_URL, unavailable
-from tests.faults.conftest import run_once
 from tests.faults.corpus import VALID
 from tests.faults.harness import Proc, Visitor, message_id_of, wait_status, wait_until
 from tests.peers.smtp import SMTPPeer
@@ -103,9 +102,12 @@ def test_full_disk_answers_503_writes_nothing_and_recovers(
     tiny_outbox: Outbox,
     make_app: Callable[..., Any],
     relay_env: dict[str, str],
-    workdir: Path,
+    start_worker: Callable[..., Proc],
     mx_server: SMTPPeer,
 ) -> None:
+    """The web refuses with 503 and keeps the form; a `relay worker` started on the full
+    disk cannot even register: it backs off (1 s, 2 s, 4 s ...) and, once space is back,
+    delivers everything without a restart."""
     env = {**relay_env, "RELAY_DATABASE_URL": tiny_outbox.url}
     db = small_tmpfs / "outbox.sqlite3"
     visitor = Visitor(client=make_app(env).test_client())
@@ -124,17 +126,27 @@ def test_full_disk_answers_503_writes_nothing_and_recovers(
     assert page.status == 503
     assert str(escape(TYPED["subject"])) in page.body
 
+    worker = start_worker(env)
+    worker.wait_output("retry_in=2.0", timeout=30)  # the second refusal, twice as late
+    log = worker.output()
+    assert log.count("worker.store_unavailable") >= 2
+    assert "full" in log
+    assert "retry_in=1.0" in log
+    assert worker.alive()
+    assert mx_server.messages == []
+
     filler.unlink()
     assert sqlite_pragma(db, "integrity_check") == "ok"
     rows = tiny_outbox.list_messages(limit=100)
     assert [r.id for r in rows] == [before.id]
+    wait_status(tiny_outbox, [before.id], ("delivered",), timeout=30, proc=worker)
 
     after = visitor.post(big)
     assert after.status == 202, after
     assert {r.id for r in tiny_outbox.list_messages(limit=100)} == {before.id, after.id}
-    run_once(env, workdir)
-    assert {tiny_outbox.get(i).status for i in (before.id, after.id)} == {"delivered"}
+    wait_status(tiny_outbox, [after.id], ("delivered",), timeout=30, proc=worker)
     assert len(mx_server.messages) == 2
+    assert "worker.registered" in worker.output()
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
