@@ -147,9 +147,9 @@ def _private_uses(path: Path) -> list[str]:
             base = node.value
             while isinstance(base, ast.Attribute):
                 base = base.value
-            if isinstance(base, ast.Name) and base.id in modules:
-                if ast.unparse(node) not in DOCUMENTED:
-                    uses.append(f"{node.lineno}: {ast.unparse(node)}")
+            named = isinstance(base, ast.Name) and base.id in modules
+            if named and ast.unparse(node) not in DOCUMENTED:
+                uses.append(f"{node.lineno}: {ast.unparse(node)}")
     return uses
 
 
