@@ -6,7 +6,7 @@ message waited longer than RELAY_ALERT_QUEUE_AGE (`QueueAgeRule`), the DKIM key 
 no longer ours (`DkimRule`, daily, with the doctor's check injected by ops), a service
 failed (`relay alerts unit-failed`, systemd's OnFailure=). A rule is anything with a `name`,
 an `interval` and an async call that returns events: `default_rules` is where one that reads
-the store alone (no live worker while mail is due, once heartbeats exist) joins.
+the store alone joins (`NoWorkerRule`: mail due and no worker's heartbeat).
 
 `Dispatcher.tick()` evaluates the rules that are due, groups events into alerts
 (RELAY_ALERT_GROUP_WINDOW) and sends due deliveries: `Webhook` (RELAY_ALERT_WEBHOOK_URL,
@@ -41,16 +41,21 @@ from relay.store.retry import RetryPolicy, human_age
 log = logging.getLogger("relay.alerts")
 
 DKIM_MISMATCH = "dkim_mismatch"
+NO_WORKER = "no_worker"
 UNIT_FAILED = "unit_failed"
 TEST = "test"
 # A send that fails is tried again after 30 s, doubling up to 30 min, for a day.
 SEND_POLICY = RetryPolicy(initial=30, maximum=1800, give_up=86400)
 SEND_LEASE = 60.0  # seconds a claimed delivery is ours (the webhook times out well before)
 WEBHOOK_TIMEOUT = 10.0
+# Kinds that never come in bursts (one event an hour at most): sent without waiting for
+# RELAY_ALERT_GROUP_WINDOW, so "no worker is delivering" reaches a person within a minute.
+AT_ONCE = (NO_WORKER,)
 TITLES = {
     MESSAGE_FAILED: ("a message failed permanently", "{n} messages failed permanently"),
     QUEUE_AGE: ("a message has waited too long", "{n} messages have waited too long"),
     DKIM_MISMATCH: ("the DKIM key in DNS is not ours", "DKIM keys in DNS are not ours"),
+    NO_WORKER: ("no worker is delivering mail", "no worker is delivering mail"),
     UNIT_FAILED: ("a formrelay service failed", "{n} formrelay service failures"),
     TEST: ("test alert: this channel works", "test alert"),
 }
@@ -93,6 +98,27 @@ class QueueAgeRule:
         ]
 
 
+class NoWorkerRule:
+    """Mail has been due for RELAY_WORKER_DEAD_AFTER and no worker has sent a heartbeat
+    within it (the most common way mail silently stops). One event an hour while it lasts;
+    the `relay alerts check` timer is what still runs it when every worker is down."""
+
+    name = "no_worker"
+    interval = 15.0
+    repeat = timedelta(hours=1)
+
+    def __init__(self, dead_after: timedelta) -> None:
+        self.dead_after = dead_after
+
+    async def __call__(self, store: Outbox) -> list[NewEvent]:
+        reason = await asyncio.to_thread(store.stalled, self.dead_after)
+        if reason is None:
+            return []
+        if await asyncio.to_thread(store.alerts.has_event, NO_WORKER, "queue", self.repeat):
+            return []
+        return [NewEvent(NO_WORKER, reason, subject="queue")]
+
+
 AuthCheck = Callable[[], Awaitable[Sequence[Any]]]
 
 
@@ -129,7 +155,10 @@ class DkimRule:
 
 def default_rules(settings: Settings) -> list[Rule]:
     """The rules that need only the store (run by every worker and `relay alerts check`)."""
-    return [QueueAgeRule(timedelta(seconds=settings.alert_queue_age))]
+    return [
+        QueueAgeRule(timedelta(seconds=settings.alert_queue_age)),
+        NoWorkerRule(timedelta(seconds=settings.worker_dead_after)),
+    ]
 
 
 # --- what an alert says -----------------------------------------------------------------------
@@ -203,14 +232,23 @@ class Webhook:
         return f"HTTP {response.status_code}"
 
 
+DeliverNow = Callable[[], Awaitable[bool]]
+
+
 class EmailChannel:
+    """A notice queued in the outbox. `deliver_now` (relay.worker.deliver_alert_mail, passed
+    by the commands that run without a worker) delivers it at once when no worker runs."""
+
     name = "email"
 
-    def __init__(self, settings: Settings, store: Outbox) -> None:
+    def __init__(
+        self, settings: Settings, store: Outbox, deliver_now: DeliverNow | None = None
+    ) -> None:
         assert settings.alert_email is not None
         self.settings = settings
         self.store = store
         self.address = settings.alert_email
+        self.deliver_now = deliver_now
 
     async def send(self, alert: AlertRow) -> str:
         notice = build_notice(
@@ -225,6 +263,8 @@ class EmailChannel:
             )
         except RelayError as exc:
             raise ChannelError(str(exc)) from exc
+        if self.deliver_now is not None and await self.deliver_now():
+            return f"queued {outbox_id} to {self.address}, delivered here (no worker running)"
         return f"queued {outbox_id} to {self.address}"
 
     @staticmethod
@@ -239,12 +279,14 @@ class EmailChannel:
 Channel = Webhook | EmailChannel
 
 
-def channels_for(settings: Settings, store: Outbox) -> list[Channel]:
+def channels_for(
+    settings: Settings, store: Outbox, deliver_now: DeliverNow | None = None
+) -> list[Channel]:
     found: list[Channel] = []
     if settings.alert_webhook_url:
         found.append(Webhook(settings))
     if settings.alert_email:
-        found.append(EmailChannel(settings, store))
+        found.append(EmailChannel(settings, store, deliver_now))
     return found
 
 
@@ -264,13 +306,14 @@ class Dispatcher:
         metrics: Metrics | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         every: float = 5.0,
+        deliver_now: DeliverNow | None = None,
     ) -> None:
         self.store = store
         self.settings = settings
         self.rules = list(rules)
-        self.channels = {
-            c.name: c for c in (channels if channels is not None else channels_for(settings, store))
-        }
+        if channels is None:
+            channels = channels_for(settings, store, deliver_now)
+        self.channels = {c.name: c for c in channels}
         self.metrics = metrics or Metrics()
         self.monotonic = monotonic
         self._last_run: dict[str, float] = {}
@@ -280,7 +323,9 @@ class Dispatcher:
     async def tick(self, *, all_rules: bool = False) -> None:
         """One round: due rules (all of them with `all_rules`), grouping, sending."""
         await self._evaluate(all_rules)
-        made = await asyncio.to_thread(self.store.alerts.group, self.window, list(self.channels))
+        made = await asyncio.to_thread(
+            self.store.alerts.group, self.window, list(self.channels), at_once=AT_ONCE
+        )
         for alert_id in made:
             event(log, "alert.raised", id=alert_id)
         await self.send_due()

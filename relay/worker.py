@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from relay.alerts import Dispatcher, Rule, default_rules
@@ -93,6 +93,7 @@ class Worker:
         metrics: Metrics | None = None,
         alerts: Dispatcher | None = None,
         alive: Callable[[int], bool] | None = process_alive,
+        purpose: str | None = None,
     ) -> None:
         self.outbox = outbox
         self.settings = settings
@@ -134,6 +135,7 @@ class Worker:
         self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
         self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
         self.alerts = alerts  # runs beside delivery, never in its way
+        self.purpose = purpose  # claim only messages of this purpose (deliver_alert_mail)
 
     # --- the real collaborators, built on first use ---
 
@@ -245,6 +247,7 @@ class Worker:
                 self.lease,
                 give_up=self.policy.give_up,
                 dead_after=self.dead_after,
+                purpose=self.purpose,
             )
         finally:
             self.leases.claiming -= 1
@@ -639,6 +642,19 @@ def force_exit(worker: Worker, sig: signal.Signals) -> None:
         handler.flush()
     sys.stderr.flush()
     os._exit(128 + int(sig))
+
+
+async def deliver_alert_mail(outbox: Outbox, settings: Settings) -> bool:
+    """Deliver the alert mail that is due, here and now, when no worker is running (the
+    alert may well be that none is): a worker that claims only `purpose=alert` messages,
+    registered for the few seconds it takes. False when a live worker will do it."""
+    dead_after = timedelta(seconds=settings.worker_dead_after)
+    latest = await asyncio.to_thread(outbox.workers.latest_beat)
+    if latest is not None and outbox.clock() - latest.beat_at <= dead_after:
+        return False
+    worker = Worker(outbox, settings, purpose="alert", worker_id=f"alerts-{default_worker_id()}")
+    await worker.run(once=True)
+    return True
 
 
 async def _guarded(checks: Awaitable[None]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,8 +20,8 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.alerts import DKIM_MISMATCH, Dispatcher, DkimRule, QueueAgeRule
-from relay.config import Settings
+from relay.alerts import DKIM_MISMATCH, NO_WORKER, Dispatcher, DkimRule, QueueAgeRule
+from relay.config import Settings, load_settings
 from relay.mail.mx import make_resolver
 from relay.ops.cli import main
 from relay.ops.doctor import dkim_checks
@@ -285,13 +286,19 @@ def test_relay_alerts_test_sends_on_every_channel(
         "RELAY_DATABASE_URL": database_url,
         "RELAY_ALERT_WEBHOOK_URL": receiver.url,
         "RELAY_ALERT_EMAIL": OPS,
+        "RELAY_DNS_NAMESERVERS": world_dns.address,
+        "RELAY_SMTP_PORT": str(mx_server.port),
     }
     result = CliRunner().invoke(main, ["alerts", "test"], env=env)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == "webhook: sent (HTTP 200)"
+    # No worker runs here, so the command delivered its alert mail itself.
     assert lines[1].startswith("email: sent (queued ")
+    assert lines[1].endswith("delivered here (no worker running))")
     assert receiver.posts[0]["json"]["kind"] == "test"
+    (mail,) = mx_server.messages
+    assert mail.rcpt_tos == [OPS]
     receiver.statuses = [500]
     failing = CliRunner().invoke(main, ["alerts", "test"], env=env)
     assert failing.exit_code == 1
@@ -331,3 +338,52 @@ def test_unit_failed_alerts_even_without_the_store(
     )
     assert "formrelay-web.service failed" in texts[1]
     assert "the store is unavailable" in texts[1]
+
+
+def test_no_worker_while_mail_is_due_reaches_the_webhook_and_the_mailbox(
+    base_env: dict[str, str],
+    database_url: str,
+    receiver: Receiver,
+    world_dns: DNSZoneServer,
+    mx_server: SMTPPeer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker is stopped and mail is due: `relay alerts check` (the 20 s timer) raises
+    "no worker is delivering mail" at once, on the webhook and by mail, which it delivers
+    itself (no worker would); the visitor's message is left for the worker. Once an hour."""
+    monkeypatch.chdir(tmp_path)
+    env = {
+        **base_env,
+        "RELAY_DATABASE_URL": database_url,
+        "RELAY_ALERT_WEBHOOK_URL": receiver.url,
+        "RELAY_ALERT_EMAIL": OPS,
+        "RELAY_DNS_NAMESERVERS": world_dns.address,
+        "RELAY_SMTP_PORT": str(mx_server.port),
+        "RELAY_WORKER_DEAD_AFTER": "3",
+    }
+    store = Outbox(database_url)
+    try:
+        waiting = store.enqueue(built(load_settings(env, env_file=None), 1))
+        quiet = CliRunner().invoke(main, ["alerts", "check"], env=env)
+        assert quiet.exit_code == 0, quiet.output
+        assert receiver.posts == [], "due for less than RELAY_WORKER_DEAD_AFTER: no alert yet"
+        time.sleep(3.2)
+        result = CliRunner().invoke(main, ["alerts", "check"], env=env)
+        assert result.exit_code == 0, result.output
+        (post,) = receiver.posts
+        assert post["json"]["kind"] == NO_WORKER
+        assert post["json"]["text"].startswith(
+            "formrelay (relay.test): no worker is delivering mail\n"
+        )
+        assert "1 message(s) due and no worker has sent a heartbeat" in post["json"]["text"]
+        (mail,) = mx_server.messages
+        assert mail.rcpt_tos == [OPS]
+        assert mail.message["Subject"] == "[formrelay] no worker is delivering mail"
+        assert store.get(waiting).status == "queued", "the visitor's mail waits for a worker"
+        again = CliRunner().invoke(main, ["alerts", "check"], env=env)
+        assert again.exit_code == 0, again.output
+        assert len(receiver.posts) == 1
+        assert len(mx_server.messages) == 1
+    finally:
+        store.dispose()

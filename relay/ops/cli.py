@@ -542,10 +542,15 @@ def alerts() -> None:
 
 
 def _dispatcher(ctx: click.Context) -> Any:
+    """The alerts of a command that runs without a worker: alert mail it queues is
+    delivered by the command itself when no worker runs (the alert may be that none does)."""
     from relay.alerts import Dispatcher, default_rules  # noqa: PLC0415
+    from relay.worker import deliver_alert_mail  # noqa: PLC0415
 
     settings = get_settings(ctx)
-    return Dispatcher(_outbox(ctx), settings, rules=default_rules(settings))
+    store = _outbox(ctx)
+    deliver_now = functools.partial(deliver_alert_mail, store, settings)
+    return Dispatcher(store, settings, rules=default_rules(settings), deliver_now=deliver_now)
 
 
 @alerts.command("test")

@@ -159,9 +159,12 @@ class AlertStore:
             return list(conn.execute(query).all())
 
     @replayed
-    def group(self, window: timedelta, channels: Sequence[str]) -> list[int]:
-        """One alert per kind whose oldest ungrouped event is at least `window` old, with a
-        pending delivery on each channel; the ids of the alerts made."""
+    def group(
+        self, window: timedelta, channels: Sequence[str], *, at_once: Sequence[str] = ()
+    ) -> list[int]:
+        """One alert per kind whose oldest ungrouped event is at least `window` old (or of a
+        kind in `at_once`: one event that never comes in bursts), with a pending delivery
+        on each channel; the ids of the alerts made."""
         now = self.db.clock()
         e = alert_events.c
         made: list[int] = []
@@ -177,7 +180,9 @@ class AlertStore:
                 sa.select(e.kind)
                 .where(e.alert_id.is_(None))
                 .group_by(e.kind)
-                .having(sa.func.min(e.created_at) <= now - window)
+                .having(
+                    sa.or_(sa.func.min(e.created_at) <= now - window, e.kind.in_(list(at_once)))
+                )
             ).scalars()
             for kind in list(ready):
                 made.append(self._group_kind(conn, kind, channels, now))

@@ -283,7 +283,7 @@ class MessageLog(Database):
                 counts,
             )
         if dead_after is not None:
-            stalled = self._no_worker(now, dead_after)
+            stalled = self.stalled(dead_after, now=now)
             if stalled is not None:
                 return QueueHealth(False, stalled, counts)
         if oldest is not None and now - oldest > max_age:
@@ -300,9 +300,11 @@ class MessageLog(Database):
             counts,
         )
 
-    def _no_worker(self, now: datetime, dead_after: timedelta) -> str | None:
+    @replayed
+    def stalled(self, dead_after: timedelta, *, now: datetime | None = None) -> str | None:
         """Why the queue stands still, if it does: mail due for `dead_after` and no worker
-        that beat within it."""
+        that beat within it (queue-check and the no-worker alert)."""
+        now = now or self.clock()
         m = messages.c
         with self.tx() as conn:
             due = conn.execute(

@@ -141,6 +141,7 @@ class Outbox(MessageLog):
         *,
         give_up: float | None = None,
         dead_after: float | None = None,
+        purpose: str | None = None,
     ) -> list[Claimed]:
         """Take up to `limit` due messages under a lease held by `owner`.
 
@@ -149,7 +150,8 @@ class Outbox(MessageLog):
         first), otherwise when its lease expired. That attempt is recorded as interrupted and
         the message flagged as a possible duplicate, since the worker may have got as far as
         the server's acceptance. Past `give_up` seconds of age such a message fails instead,
-        so one that kills every worker cannot loop for ever.
+        so one that kills every worker cannot loop for ever. `purpose`: only messages of that
+        purpose (`alert`: the alert mail a process sends while no worker runs).
         """
         if limit <= 0:
             return []
@@ -171,10 +173,14 @@ class Outbox(MessageLog):
         with self.tx() as conn:
             rows: list[Any] = []
             if dead_after is not None:
-                rows = list(conn.execute(self._orphaned(owner, now, dead_after, limit)).all())
+                rows = list(
+                    conn.execute(self._orphaned(owner, now, dead_after, limit, purpose)).all()
+                )
             if len(rows) < limit:
                 taken = [row.id for row in rows]
-                rows += conn.execute(self._due(now, limit - len(rows), exclude=taken)).all()
+                rows += conn.execute(
+                    self._due(now, limit - len(rows), exclude=taken, purpose=purpose)
+                ).all()
             for row in rows:
                 number = row.attempts + 1
                 if row.status == "sending":
@@ -217,7 +223,14 @@ class Outbox(MessageLog):
         "claim_token",
     )
 
-    def _due(self, now: datetime, limit: int, *, exclude: Sequence[str] = ()) -> sa.Select[Any]:
+    def _due(
+        self,
+        now: datetime,
+        limit: int,
+        *,
+        exclude: Sequence[str] = (),
+        purpose: str | None = None,
+    ) -> sa.Select[Any]:
         """The messages a claim takes: due, not purged, longest waiting first."""
         m = messages.c
         query = (
@@ -228,11 +241,15 @@ class Outbox(MessageLog):
         )
         if exclude:
             query = query.where(m.id.not_in(list(exclude)))
+        if purpose is not None:
+            query = query.where(m.purpose == purpose)
         if self.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True, of=messages)
         return query
 
-    def _orphaned(self, owner: str, now: datetime, dead_after: float, limit: int) -> sa.Select[Any]:
+    def _orphaned(
+        self, owner: str, now: datetime, dead_after: float, limit: int, purpose: str | None
+    ) -> sa.Select[Any]:
         """Messages being sent by a worker that is dead or deregistered, whatever their
         lease says (never our own: our heartbeat renews those, or tells us they are lost)."""
         m = messages.c
@@ -250,6 +267,7 @@ class Outbox(MessageLog):
                 m.lease_owner != owner,
                 m.body.is_not(None),
                 dead_clause(now, dead_after),
+                m.purpose == purpose if purpose is not None else sa.true(),
             )
             .order_by(m.next_attempt_at)
             .limit(limit)
