@@ -18,6 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from relay.store.outbox import Outbox
+from relay.store.workers import WorkerInfo
 from tests.store.test_outbox import POLICY, built, refused
 from tests.web.conftest import text_of, valid_form
 
@@ -292,3 +293,26 @@ def test_japanese(signed_in: FlaskClient, failed: str) -> None:
     assert "ログ" in html
     assert 'href="/admin/messages/' in html
     assert "lang=ja" in html
+
+
+def test_the_queue_panel_lists_the_workers_from_their_heartbeats(
+    signed_in: FlaskClient, outbox: Outbox, web_settings: Any
+) -> None:
+    page = signed_in.get("/admin/")
+    assert "No worker has sent a heartbeat today" in page.get_data(as_text=True)
+    outbox.workers.register(WorkerInfo("mail1:4123:9f2c1a", "mail1", "", 4123, "0.1.0", 10))
+    outbox.workers.register(WorkerInfo("mail1:3911:41b0de", "mail1", "", 3911, "0.1.0", 10))
+    outbox.workers.deregister("mail1:3911:41b0de")
+    outbox.enqueue(built(web_settings))
+    (held,) = outbox.claim("mail1:4123:9f2c1a", 1, 60)
+    page = signed_in.get("/admin/")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    live = re.search(
+        r'<tr class="worker-live"><th scope="row">mail1:4123:9f2c1a</th>(.*?)</tr>', html
+    )
+    assert live is not None, html
+    assert "<td>live</td>" in live.group(1)
+    assert live.group(1).endswith("<td>1</td>")  # the message it holds
+    assert '<tr class="worker-stopped"><th scope="row">mail1:3911:41b0de</th>' in html
+    assert held.id

@@ -193,6 +193,9 @@ def filter_args(found: LogFilter) -> dict[str, str]:
     }
 
 
+WORKERS_SHOWN = timedelta(days=1)  # the queue panel lists the workers that beat this long ago
+
+
 @bp.get("/", endpoint="log")
 def log_page() -> Response:
     store = state().outbox
@@ -213,7 +216,8 @@ def log_page() -> Response:
         age=age,
         next_try=next_try,
         deferred=stats.counts.get("deferred", 0),
-        workers=None,  # the heartbeat registry fills this in
+        workers=store.workers.list_workers(since=WORKERS_SHOWN),
+        dead_after=state().settings.worker_dead_after,
         first_page=not request.args.get("after"),
     )
 
