@@ -120,7 +120,7 @@ class Leases:
         on_beat: Callable[[], None] | None = None,
     ) -> None:
         self.outbox = outbox
-        self.on_beat = on_beat  # after each beat the store answered (the heartbeat metric)
+        self.on_beat = on_beat  # after each beat the store took (the heartbeat metric)
         self.registry = outbox.workers
         self.info = info
         self.lease = lease
@@ -149,6 +149,8 @@ class Leases:
         """Raises StoreUnavailable; the claim loop retries with its backoff."""
         reaped = await asyncio.to_thread(self.registry.register, self.info, alive=self.alive)
         self.registered = True
+        if self.on_beat is not None:  # registering is the first beat
+            self.on_beat()
         info = self.info
         event(
             log,

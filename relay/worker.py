@@ -45,7 +45,7 @@ from relay.mail.send import DeliverFn, GatedDeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
 from relay.metrics import Metrics, MetricsServer, exposition, metrics_app, reply_class
-from relay.store.metrics import QueueCollector
+from relay.store.metrics import store_collectors
 from relay.store.notify import Listener
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
@@ -617,9 +617,9 @@ def serve_metrics(settings: Settings, worker: Worker) -> MetricsServer | None:
     bind = settings.worker_metrics_bind
     if bind is None or settings.metrics_token is None:
         return None
-    collector = QueueCollector(worker.outbox)
+    collectors = store_collectors(worker.outbox, worker.outbox.workers, worker.dead_after)
     app = metrics_app(
-        lambda: exposition(worker.metrics, [collector]), settings.metrics_token.get_secret_value()
+        lambda: exposition(worker.metrics, collectors), settings.metrics_token.get_secret_value()
     )
     server = MetricsServer(bind[0], bind[1], app)
     event(log, "worker.metrics", address=f"{bind[0]}:{server.port}")

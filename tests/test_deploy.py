@@ -140,7 +140,7 @@ def test_prometheus_config_and_rules_name_real_metrics() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from relay.metrics import Metrics, exposition
-    from relay.store.metrics import _families
+    from relay.store.metrics import _families, _worker_families
 
     metrics = Metrics()
     metrics.submission("accepted", "ok")
@@ -148,8 +148,9 @@ def test_prometheus_config_and_rules_name_real_metrics() -> None:
     metrics.latency.observe(1)
     metrics.heartbeat()
     body, _type = exposition(metrics)
+    store_families = [*_families().values(), *_worker_families().values()]
     names = {s.name for f in text_string_to_metric_families(body.decode()) for s in f.samples} | {
-        family.name for family in _families().values()
+        family.name for family in store_families
     }
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert {job["job_name"] for job in scrape["scrape_configs"]} == {

@@ -1,13 +1,12 @@
-"""The queue as Prometheus sees it, read from the store at every scrape (a custom
-collector), so any node, web or worker, reports the same numbers: messages by status, how
-many are due, the oldest pending message's age and the alerts waiting to go out.
-
-The workers' heartbeats, once the store keeps them, join as a collector of their own beside
-this one (relay.metrics.exposition takes any number)."""
+"""The queue and the workers as Prometheus sees them, read from the store at every scrape
+(custom collectors), so any node, web or worker, reports the same numbers: messages by
+status, how many are due, the oldest pending message's age (`QueueCollector`); the workers
+by state and each one's last heartbeat (`WorkersCollector`, from relay.store.workers)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily
@@ -15,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from relay.errors import StoreError
 from relay.store.log import MessageLog
 from relay.store.schema import STATUSES
+from relay.store.workers import Registry
 
 
 def _families() -> dict[str, GaugeMetricFamily]:
@@ -55,3 +55,51 @@ class QueueCollector:
         found["due"].add_metric([], stats.due)
         found["oldest"].add_metric([], stats.oldest_age)
         yield from found.values()
+
+
+WORKER_STATES = ("live", "dead", "stopped")
+WORKERS_SEEN = timedelta(days=1)  # a worker gone longer than this is no longer reported
+
+
+def _worker_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "workers": GaugeMetricFamily(
+            "formrelay_workers",
+            "Workers seen in the last day, by state (live: beat within RELAY_WORKER_DEAD_AFTER)",
+            labels=["state"],
+        ),
+        "age": GaugeMetricFamily(
+            "formrelay_worker_last_beat_age_seconds",
+            "Seconds since each registered worker's last heartbeat",
+            labels=["worker"],
+        ),
+    }
+
+
+class WorkersCollector:
+    def __init__(self, registry: Registry, dead_after: float) -> None:
+        self.registry = registry
+        self.dead_after = dead_after
+
+    def describe(self) -> Iterator[Any]:
+        yield from _worker_families().values()
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            rows = self.registry.list_workers(since=WORKERS_SEEN)
+        except StoreError:
+            return  # formrelay_store_up, from the queue's collector, says why
+        now = self.registry.db.clock()
+        found = _worker_families()
+        states: list[str] = [row.state(now, self.dead_after) for row in rows]
+        for state in WORKER_STATES:
+            found["workers"].add_metric([state], states.count(state))
+        for row, state in zip(rows, states, strict=True):
+            if state != "stopped":
+                found["age"].add_metric([row.id], round(row.since_beat(now), 1))
+        yield from found.values()
+
+
+def store_collectors(log: MessageLog, registry: Registry, dead_after: float) -> list[Any]:
+    """Everything /metrics reads from the store."""
+    return [QueueCollector(log), WorkersCollector(registry, dead_after)]

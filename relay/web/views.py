@@ -21,7 +21,7 @@ from flask import (
 from relay.errors import CaptchaError, StoreUnavailable
 from relay.logs import event
 from relay.metrics import authorized, exposition
-from relay.store.metrics import QueueCollector
+from relay.store.metrics import store_collectors
 from relay.store.outbox import new_id
 from relay.web import forms
 from relay.web.accept import Refused, accept
@@ -73,7 +73,10 @@ def metrics() -> Response:
         response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
         response.mimetype = "text/plain"
         return response
-    body, content_type = exposition(web.metrics, [QueueCollector(web.outbox)])
+    body, content_type = exposition(
+        web.metrics,
+        store_collectors(web.outbox, web.outbox.workers, web.settings.worker_dead_after),
+    )
     response = make_response(body, 200)
     response.headers["Content-Type"] = content_type
     return response

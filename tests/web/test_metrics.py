@@ -9,6 +9,7 @@ from flask import Flask
 
 from relay.store.outbox import Outbox
 from relay.store.schema import STATUSES
+from relay.store.workers import WorkerInfo
 from tests.test_metrics import TOKEN, samples, value
 from tests.web.conftest import valid_form
 
@@ -42,3 +43,23 @@ def test_web_metrics_need_the_token_and_match_the_store(
         )
     assert value(found, "formrelay_queue_due_messages") == 3
     assert value(found, "formrelay_store_up") == 1
+
+
+def test_web_metrics_report_the_workers_from_their_heartbeats(
+    make_app: Callable[..., Flask], outbox: Outbox
+) -> None:
+    """Read from the registry at each scrape, so a web node reports a worker on another host
+    too: live, dead (no beat within RELAY_WORKER_DEAD_AFTER) and stopped, with each one's
+    last beat."""
+    client = make_app(RELAY_METRICS_TOKEN=TOKEN, RELAY_WORKER_DEAD_AFTER="3").test_client()
+    outbox.workers.register(WorkerInfo("live-1", "mail1", "", 10, "0.1.0", 10))
+    outbox.workers.register(WorkerInfo("gone-2", "mail2", "", 20, "0.1.0", 10))
+    outbox.workers.deregister("gone-2")
+    found = samples(
+        client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+    )
+    assert value(found, "formrelay_workers", state="live") == 1
+    assert value(found, "formrelay_workers", state="stopped") == 1
+    assert value(found, "formrelay_workers", state="dead") == 0
+    assert 0 <= value(found, "formrelay_worker_last_beat_age_seconds", worker="live-1") < 3
+    assert ("formrelay_worker_last_beat_age_seconds", (("worker", "gone-2"),)) not in found
