@@ -236,7 +236,7 @@ DeliverNow = Callable[[], Awaitable[bool]]
 
 
 class EmailChannel:
-    """A notice queued in the outbox. `deliver_now` (relay.worker.deliver_alert_mail, passed
+    """A notice queued in the outbox. `deliver_now` (relay.worker.service.deliver_alert_mail, passed
     by the commands that run without a worker) delivers it at once when no worker runs."""
 
     name = "email"

@@ -28,7 +28,7 @@ from relay.ops.doctor import dkim_checks
 from relay.sandbox.dns import DNSZoneServer
 from relay.store.alerts import MESSAGE_FAILED, QUEUE_AGE
 from relay.store.outbox import Outbox
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 from tests.peers.smtp import SMTPPeer
 from tests.store.test_outbox import POLICY, FakeClock, built, refused
 

@@ -48,7 +48,7 @@ def layer_of(module: str) -> str:
         return "face"
     if module == "relay.mail.attempt":
         return "mail.attempt"
-    if module in ("relay.worker", "relay.leases", "relay.alerts"):
+    if module == "relay.alerts" or module == "relay.worker" or module.startswith("relay.worker."):
         return "worker"
     parts = module.split(".")
     if len(parts) >= 2 and parts[1] in {"mail", "store", "web", "ops", "sandbox"}:

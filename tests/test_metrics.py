@@ -17,7 +17,8 @@ from relay.metrics import Metrics
 from relay.sandbox.dns import DNSZoneServer
 from relay.store.outbox import Outbox
 from relay.store.schema import STATUSES, attempts
-from relay.worker import Worker, serve_metrics
+from relay.worker.delivery import Worker
+from relay.worker.service import serve_metrics
 from tests.peers.smtp import SMTPPeer
 from tests.store.test_outbox import FakeClock, built
 

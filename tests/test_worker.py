@@ -34,7 +34,7 @@ from relay.sandbox.world import SUPPORT_DOMAIN
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
 from relay.store.retry import Decision
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 from tests.store.test_outbox import FakeClock, built, delivered, greylisted, refused
 

@@ -174,7 +174,7 @@ def worker(ctx: click.Context, once: bool) -> None:
     """Deliver queued mail (SIGTERM/SIGINT: finish what is in flight, then exit)."""
     from relay.alerts import DkimRule  # noqa: PLC0415 - asyncio and SMTP only here
     from relay.ops.doctor import dkim_checks, startup_checks  # noqa: PLC0415
-    from relay.worker import run_worker  # noqa: PLC0415
+    from relay.worker.service import run_worker  # noqa: PLC0415
 
     settings = get_settings(ctx)
 
@@ -545,7 +545,7 @@ def _dispatcher(ctx: click.Context) -> Any:
     """The alerts of a command that runs without a worker: alert mail it queues is
     delivered by the command itself when no worker runs (the alert may be that none does)."""
     from relay.alerts import Dispatcher, default_rules  # noqa: PLC0415
-    from relay.worker import deliver_alert_mail  # noqa: PLC0415
+    from relay.worker.service import deliver_alert_mail  # noqa: PLC0415
 
     settings = get_settings(ctx)
     store = _outbox(ctx)

@@ -56,7 +56,7 @@ from relay.store.outbox import Outbox
 from relay.store.views import detail_text, log_table
 from relay.web.app import create_app
 from relay.web.captcha import MISSING
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 
 log = logging.getLogger("relay.demo")
 

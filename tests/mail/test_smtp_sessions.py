@@ -24,7 +24,7 @@ from relay.mail.smtp import deliver
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import MX2_IP, MX_IP
 from relay.store.outbox import Outbox
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer, SubmissionPeer
 from tests.store.test_outbox import built
 

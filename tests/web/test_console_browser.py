@@ -17,7 +17,7 @@ from relay import create_app
 from relay.config import Settings
 from relay.ops.demo import WorkerThread
 from relay.store.outbox import Outbox
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 from tests.conftest import unavailable
 from tests.peers.smtp import SMTPPeer
 from tests.store.test_outbox import built

@@ -185,6 +185,6 @@ def auth_verdicts(settings: Settings) -> list[Check]:
 
 async def startup_checks(settings: Settings, resolver: Any) -> None:
     """The checks a long-running worker logs at start (every non-PASS, on relay.worker's
-    log): delivery does not wait for them (relay.worker.run_worker runs them beside it)."""
+    log): delivery does not wait for them (relay.worker.service.run_worker runs them beside it)."""
     checks = await run_checks(settings, resolver=resolver, database=False)
     log_checks(logging.getLogger("relay.worker"), checks)

@@ -3,14 +3,14 @@
 One asyncio loop runs up to `settings.worker_concurrency` attempts at once. Database calls are
 blocking SQLAlchemy calls run in threads (`asyncio.to_thread`), which keeps one code path for
 the web (sync Flask) and the worker. The worker registers in the store and holds each message
-under a lease that its heartbeat renews (relay.leases); a worker that stops beating for
+under a lease that its heartbeat renews (relay.worker.leases); a worker that stops beating for
 RELAY_WORKER_DEAD_AFTER has its messages claimed again by another, and one that resumes
 after such a pause learns at its next beat what it lost.
 
-Stopping (SIGTERM/SIGINT): no more claims, the attempts in flight get
-RELAY_WORKER_STOP_TIMEOUT to finish, what is left is handed back due now (so another worker
-takes it at once), the idle SMTP sessions are QUIT and the worker deregisters. A second
-signal exits at once; the heartbeat then rescues the leases.
+Outcomes are committed in groups (relay.worker.outcomes). `stop()` ends the loop gracefully:
+no more claims, the attempts in flight get RELAY_WORKER_STOP_TIMEOUT to finish, what is left
+is handed back due now (so another worker takes it at once), the idle SMTP sessions are QUIT
+and the worker deregisters (relay.worker.service wires it to SIGTERM/SIGINT).
 
 The message is signed at every attempt, so a key rotation applies to queued mail; the
 Message-ID never changes between attempts.
@@ -24,19 +24,14 @@ import functools
 import logging
 import os
 import secrets
-import signal
 import socket
-import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Callable
 from typing import Any, cast
 
-from relay.alerts import Dispatcher, Rule, default_rules
+from relay.alerts import Dispatcher
 from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
-from relay.leases import Held, Leases, process_alive, worker_info
 from relay.logs import event
 from relay.mail import smtp
 from relay.mail.attempt import AttemptResult, reply_fields
@@ -44,24 +39,15 @@ from relay.mail.mx import make_resolver
 from relay.mail.send import DeliverFn, GatedDeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
-from relay.metrics import Metrics, MetricsServer, exposition, metrics_app, reply_class
-from relay.store.metrics import store_collectors
+from relay.metrics import Metrics, reply_class
 from relay.store.notify import Listener
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
 from relay.store.retry import Decision, RetryPolicy
+from relay.worker.leases import Held, Leases, process_alive, worker_info
+from relay.worker.outcomes import OutcomeWriter
 
 log = logging.getLogger("relay.worker")
-
-WRITER_CLOSE_TIMEOUT = 10.0  # seconds a stop waits for the last outcomes to be committed
-
-
-@dataclass
-class _Outcome:
-    """An ended attempt waiting for the writer; `done` gets its Decision once committed."""
-
-    finished: Finished
-    done: asyncio.Future[Decision]
 
 
 def default_worker_id() -> str:
@@ -109,7 +95,6 @@ class Worker:
             1.0, min(self.dead_after, self.lease) / 3
         )
         self.claim_coalesce = claim_coalesce
-        self.record_window = record_window
         self.metrics = metrics or Metrics()
         self.leases = Leases(
             outbox,
@@ -130,12 +115,15 @@ class Worker:
         self.listening: asyncio.Event | None = None
         self.claims = 0  # claim queries made: lets tests know the loop went idle
         self.attempts_made = 0
-        self._outcomes: list[_Outcome] = []  # ended attempts waiting for the group commit
-        self._outcome_ready: asyncio.Event | None = None
-        self._closing: asyncio.Future[None] | None = None  # done: flush and stop the writer
-        self.record_commits = 0  # transactions that recorded outcomes (tests: batching)
+        self.record_window = record_window
+        self._writer: OutcomeWriter | None = None  # made by run(), in its loop
         self.alerts = alerts  # runs beside delivery, never in its way
         self.purpose = purpose  # claim only messages of this purpose (deliver_alert_mail)
+
+    @property
+    def record_commits(self) -> int:
+        """Transactions that recorded outcomes (tests: batching)."""
+        return self._writer.commits if self._writer is not None else 0
 
     # --- the real collaborators, built on first use ---
 
@@ -175,8 +163,13 @@ class Worker:
         """Claim and deliver until stopped; with `once`, until nothing is due any more."""
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
-        self._outcome_ready = asyncio.Event()
-        self._closing = asyncio.get_running_loop().create_future()
+        self._writer = OutcomeWriter(
+            self.outbox,
+            self.id,
+            self.policy,
+            window=self.record_window,
+            in_flight=lambda: len(self.leases),
+        )
         self.listening = asyncio.Event()
         concurrency = self.settings.worker_concurrency
         event(
@@ -189,7 +182,7 @@ class Worker:
         )
         heartbeat = asyncio.create_task(self.leases.run())
         listener = asyncio.create_task(self._listen())
-        writer = asyncio.create_task(self._writer())
+        writer = asyncio.create_task(self._writer.run())
         alerting = asyncio.create_task(
             self.alerts.run(self._stop) if self.alerts and not once else asyncio.sleep(0)
         )
@@ -270,7 +263,8 @@ class Worker:
         await self._drain()
         if self._sessions is not None:
             await self._sessions.close()  # QUIT the idle SMTP sessions
-        await self._close_writer(writer)
+        assert self._writer is not None
+        await self._writer.close(writer)
         await self.leases.release_leftovers()
         if once and self.alerts is not None:
             await self._alerts_once()
@@ -354,65 +348,6 @@ class Worker:
                 reason="stop_timeout",
             )
 
-    async def _writer(self) -> None:
-        """The group commit: records every attempt that ended within `record_window` of
-        the first one, plus those that end while that commit runs, in one transaction.
-
-        An attempt's task waits for its outcome's commit and keeps its slot and its lease
-        (the heartbeat renews it) until then, so a crash before the commit loses nothing:
-        the lease expires and the message is claimed again as a possible duplicate."""
-        assert self._outcome_ready is not None
-        assert self._closing is not None
-        while True:
-            await self._outcome_ready.wait()
-            others_running = len(self.leases) > len(self._outcomes)
-            if self.record_window > 0 and others_running:
-                # They may end within the window; a shutdown cuts it short.
-                await asyncio.wait([self._closing], timeout=self.record_window)
-            self._outcome_ready.clear()
-            batch, self._outcomes = self._outcomes, []
-            if batch:
-                await self._commit(batch)
-            if self._closing.done() and not self._outcomes:
-                return  # the stop's wake-up may have been spent on the batch just committed
-
-    async def _commit(self, batch: list[_Outcome]) -> None:
-        try:
-            decisions = await asyncio.to_thread(
-                self.outbox.record_attempts,
-                [outcome.finished for outcome in batch],
-                owner=self.id,
-                policy=self.policy,
-            )
-        except Exception as exc:  # StoreUnavailable: each attempt retries on its own
-            for outcome in batch:
-                if not outcome.done.done():
-                    outcome.done.set_exception(exc)
-            return
-        self.record_commits += 1
-        for outcome, decision in zip(batch, decisions, strict=True):
-            if not outcome.done.done():
-                outcome.done.set_result(decision)
-
-    async def _close_writer(self, writer: asyncio.Task[None]) -> None:
-        """Commit the outcomes still waiting (also those of attempts cut off while they
-        waited for the commit), then stop the writer."""
-        assert self._outcome_ready is not None
-        assert self._closing is not None
-        self._closing.set_result(None)
-        self._outcome_ready.set()
-        try:  # within the 15 s that TimeoutStopSec allows beyond the stop timeout
-            await asyncio.wait_for(asyncio.shield(writer), timeout=WRITER_CLOSE_TIMEOUT)
-        except TimeoutError:  # the store hangs: what is left is reclaimed by another worker
-            event(log, "worker.record_timeout", logging.ERROR, pending=len(self._outcomes))
-        finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-        for outcome in self._outcomes:
-            outcome.done.cancel()
-        self._outcomes = []
-
     async def _listen(self) -> None:
         """PostgreSQL: wake the claim loop as soon as mail is queued (enqueue and retry NOTIFY
         at commit). Purely a shortcut: the short poll stays, so a lost listener loses nothing."""
@@ -433,7 +368,14 @@ class Worker:
             await self.leases.cut_off(held)
             raise
         held.delivering = False
-        decision = await self._record(item, result, started)
+        assert self._writer is not None
+        finished = Finished(item, result, started, self.outbox.clock())
+
+        def late(decision: Decision) -> None:  # cut off while waiting, committed after all
+            if decision.applied:
+                self._log_outcome(item, result, decision)
+
+        decision = await self._writer.record(finished, late=late)
         self._count(item, result, decision)
         if decision is not None and decision.applied:
             self._log_outcome(item, result, decision)
@@ -464,55 +406,6 @@ class Worker:
             else:  # a bug: its traceback goes to the log
                 log.error("delivery.crashed id=%s", item.id, exc_info=result.error)
         return result
-
-    async def _record(
-        self, item: Claimed, result: AttemptResult, started: datetime
-    ) -> Decision | None:
-        """Store the attempt through the group commit; if that fails, try twice more on its
-        own, then give up: the message stays leased to this worker, which no longer holds it,
-        and the heartbeat hands it back after DEAD_AFTER (relay.leases, strays)."""
-        finished = Finished(item, result, started, self.outbox.clock())
-        for tries in range(3):
-            try:
-                if tries == 0:
-                    return await self._group_commit(finished)
-                return await asyncio.to_thread(
-                    self.outbox.record_attempt,
-                    item,
-                    result,
-                    owner=self.id,
-                    policy=self.policy,
-                    started_at=started,
-                    finished_at=finished.finished_at,
-                )
-            except StoreUnavailable as exc:
-                event(
-                    log,
-                    "delivery.record_failed",
-                    logging.ERROR,
-                    id=item.id,
-                    outcome=result.outcome,
-                    error=str(exc),
-                    tries=tries + 1,
-                )
-                await asyncio.sleep(1.0 + tries)
-        return None
-
-    async def _group_commit(self, finished: Finished) -> Decision:
-        assert self._outcome_ready is not None
-        done: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._outcomes.append(_Outcome(finished, done))
-        self._outcome_ready.set()
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            if not done.cancelled():  # cut off while waiting: the writer still commits it
-                done.add_done_callback(lambda fut: self._logged(finished, fut))
-            raise
-
-    def _logged(self, finished: Finished, fut: asyncio.Future[Decision]) -> None:
-        if not fut.cancelled() and fut.exception() is None and fut.result().applied:
-            self._log_outcome(finished.claimed, finished.result, fut.result())
 
     def _log_outcome(self, item: Claimed, result: AttemptResult, decision: Decision) -> None:
         reply = reply_fields(result)
@@ -551,117 +444,3 @@ class Worker:
                 reason=decision.reason,
                 possible_duplicate=result.possible_duplicate or None,
             )
-
-
-Startup = Callable[[Any], Awaitable[None]]
-Rules = Callable[[Any], Sequence[Rule]]
-
-
-def run_worker(
-    settings: Settings,
-    *,
-    once: bool = False,
-    outbox: Outbox | None = None,
-    startup: Startup | None = None,
-    rules: Rules | None = None,
-) -> None:
-    """`relay worker`: the first SIGTERM/SIGINT stops gracefully (Worker.stop), a second one
-    exits at once (`force_exit`).
-
-    `startup(resolver)` runs in the background while delivery starts (the CLI passes the
-    doctor's checks, logged); `--once` (cron, tests) skips it, so a run every minute neither
-    repeats them nor waits for their DNS lookups. `rules(resolver)` are alert rules beside
-    `relay.alerts.default_rules` (the CLI passes the daily DKIM check)."""
-    store = outbox or Outbox.from_settings(settings)
-    resolver = make_resolver(settings)
-    metrics = Metrics()
-    extra = list(rules(resolver)) if rules is not None else []
-    dispatcher = Dispatcher(
-        store, settings, rules=[*default_rules(settings), *extra], metrics=metrics
-    )
-    worker = Worker(store, settings, resolver=resolver, metrics=metrics, alerts=dispatcher)
-    server = serve_metrics(settings, worker)
-
-    def on_signal(sig: signal.Signals) -> None:
-        if worker.stopping:
-            force_exit(worker, sig)
-        worker.stop()
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
-        checks = asyncio.create_task(
-            _guarded(startup(resolver)) if startup is not None and not once else asyncio.sleep(0)
-        )
-        try:
-            await worker.run(once=once)
-        finally:
-            checks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checks
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-
-    try:
-        asyncio.run(main())
-    finally:
-        if server is not None:
-            server.close()
-        store.dispose()
-
-
-def serve_metrics(settings: Settings, worker: Worker) -> MetricsServer | None:
-    """RELAY_WORKER_METRICS_ADDRESS: the worker's metrics and the store's queue, over HTTP
-    to the bearer of RELAY_METRICS_TOKEN (config requires both together)."""
-    bind = settings.worker_metrics_bind
-    if bind is None or settings.metrics_token is None:
-        return None
-    collectors = store_collectors(worker.outbox, worker.outbox.workers, worker.dead_after)
-    app = metrics_app(
-        lambda: exposition(worker.metrics, collectors), settings.metrics_token.get_secret_value()
-    )
-    server = MetricsServer(bind[0], bind[1], app)
-    event(log, "worker.metrics", address=f"{bind[0]}:{server.port}")
-    return server
-
-
-def force_exit(worker: Worker, sig: signal.Signals) -> None:
-    """The second signal: leave now, as a kill would. Nothing is released or deregistered;
-    the heartbeat stops, so other workers reclaim the leases after RELAY_WORKER_DEAD_AFTER (at
-    once when a worker starts again on this host)."""
-    event(
-        log,
-        "worker.stop_forced",
-        logging.WARNING,
-        id=worker.id,
-        signal=sig.name,
-        in_flight=len(worker.leases),
-    )
-    for handler in logging.getLogger("relay").handlers:
-        handler.flush()
-    sys.stderr.flush()
-    os._exit(128 + int(sig))
-
-
-async def deliver_alert_mail(outbox: Outbox, settings: Settings) -> bool:
-    """Deliver the alert mail that is due, here and now, when no worker is running (the
-    alert may well be that none is): a worker that claims only `purpose=alert` messages,
-    registered for the few seconds it takes. False when a live worker will do it."""
-    dead_after = timedelta(seconds=settings.worker_dead_after)
-    latest = await asyncio.to_thread(outbox.workers.latest_beat)
-    if latest is not None and outbox.clock() - latest.beat_at <= dead_after:
-        return False
-    worker = Worker(outbox, settings, purpose="alert", worker_id=f"alerts-{default_worker_id()}")
-    await worker.run(once=True)
-    return True
-
-
-async def _guarded(checks: Awaitable[None]) -> None:
-    """Start-up checks never stop delivery, whatever they raise."""
-    try:
-        await asyncio.wait_for(checks, timeout=60)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        event(log, "worker.startup_checks_failed", logging.WARNING, error=repr(exc))
