@@ -194,6 +194,7 @@ def worker(ctx: click.Context, once: bool) -> None:
 
 @main.command("log")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--form", "form_id", help="Only this form's messages (default: the one at /form).")
 @click.option("--since", callback=_duration, help="Only messages newer than this (2h, 3d).")
 @click.option("--limit", type=click.IntRange(1, 100000), default=None, help="At most (default 50).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -203,6 +204,7 @@ def log_command(
     ctx: click.Context,
     *,
     status: str | None,
+    form_id: str | None,
     since: Any,
     limit: int | None,
     as_json: bool,
@@ -218,14 +220,14 @@ def log_command(
     store = _outbox(ctx)
     if as_csv:
         try:
-            rows_out = walk(store.browse, LogFilter(status=status, since=since))
+            rows_out = walk(store.browse, LogFilter(status=status, since=since, form=form_id))
             for line in views.csv_lines(islice(rows_out, limit)):
                 click.echo(line, nl=False)
         except StoreError as exc:
             fail(f"relay log: {exc}")
         return
     try:
-        rows = store.list_messages(status=status, since=since, limit=limit or 50)
+        rows = store.list_messages(status=status, since=since, limit=limit or 50, form=form_id)
     except StoreError as exc:
         fail(f"relay log: {exc}")
     now = store.clock()

@@ -67,6 +67,7 @@ class MessageRow:
     held_by: str | None = None
     visitor: str | None = None
     purpose: str = "form"
+    form_id: str | None = "default"
 
     @property
     def last_reply(self) -> str:

@@ -252,7 +252,7 @@ def test_ping(store: Outbox) -> None:
 def test_upgrade_is_idempotent(store: Outbox) -> None:
     store.upgrade()
     store.upgrade()
-    assert store.current_revision() == store.head_revision() == "0003"
+    assert store.current_revision() == store.head_revision() == "0004"
 
 
 def test_concurrent_first_use_on_postgres(postgres_url: str, plain_settings: Settings) -> None:
