@@ -23,7 +23,7 @@ from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.store.outbox import Outbox
 from relay.web import console, forms
-from relay.web.body import BodyReader, limit_for, refuse_unread_body
+from relay.web.body import BodyReader, close_body, limit_for, refuse_unread_body
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
     everyone,
@@ -73,6 +73,7 @@ def create_app(
         limit=functools.partial(limit_for, forms_by_id=settings.forms),
     )
     app.before_request(refuse_unread_body)  # first: before the rate limiter counts the post
+    app.teardown_request(close_body)
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from flask import abort, request
+from werkzeug.wsgi import ClosingIterator
 
 from relay.formdefs import FormDef, default_form
 from relay.logs import event
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.web")
 
 PROBLEM = "formrelay.body_problem"
+BODY = "formrelay.body"
 # Where WSGI servers put the client's socket: gunicorn, werkzeug's development server.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 READ_SIZE = 64 * 1024
@@ -92,13 +94,15 @@ class BodyReader:
         body, problem = self.read(environ)
         size = body.seek(0, io.SEEK_END)
         body.seek(0)
-        environ["wsgi.input"] = body
+        environ["wsgi.input"] = environ[BODY] = body
         environ["CONTENT_LENGTH"] = str(size)
         # werkzeug ignores CONTENT_LENGTH while the request says it is chunked.
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         if problem is not None:
             environ[PROBLEM] = problem
-        return self.app(environ, start_response)
+        # A spooled body's file goes when the answer is sent (and at the latest when the
+        # request ends: close_body).
+        return ClosingIterator(self.app(environ, start_response), [body.close])
 
     def read(self, environ: WSGIEnvironment) -> tuple[IO[bytes], Problem | None]:
         framing = framing_of(environ)
@@ -240,6 +244,14 @@ def stop_reading(sock: socket.socket) -> None:
     state that the answer still needs."""
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RD)
+
+
+def close_body(_exc: BaseException | None = None) -> None:
+    """teardown_request: the body BodyReader read (a temporary file past SPOOL_BYTES) is
+    closed as the request ends, whoever holds the answer."""
+    body = request.environ.get(BODY)
+    if body is not None:
+        body.close()
 
 
 def refuse_unread_body() -> None:

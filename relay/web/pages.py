@@ -107,7 +107,7 @@ def field_views(form: FormDef, data: Any, errors: Mapping[str, list[str]]) -> li
                 "required": spec.required,
                 "maxlength": spec.max_length,
                 "value": values[0] if values else "",
-                "values": values,
+                "picked": values,
                 "choices": spec.choices,
                 "autocomplete": AUTOCOMPLETE.get(spec.name if form.is_default else spec.type),
                 "errors": errors.get(spec.name, []),
