@@ -589,6 +589,27 @@ def alerts_unit_failed(ctx: click.Context, unit: str) -> None:
         click.echo(line)
 
 
+# --- forms ---------------------------------------------------------------------------------
+
+
+@main.group("forms")
+def forms_group() -> None:
+    """The forms: the default one at /form and RELAY_FORMS_FILE's at /f/<id>."""
+
+
+@forms_group.command("check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def forms_check(path: Path | None) -> None:
+    """Check the forms file (RELAY_FORMS_FILE, or PATH before deploying it) with the rest of
+    the configuration; print each form's URL and embed snippet. Exit 2 listing every problem."""
+    from relay.ops.forms import check  # noqa: PLC0415
+
+    code, lines = check(path)
+    for line in lines:
+        click.echo(line, err=code != 0)
+    sys.exit(code)
+
+
 # --- admin ---------------------------------------------------------------------------------
 
 
