@@ -52,7 +52,7 @@ READ_SIZE = 64 * 1024
 SPOOL_BYTES = 1024 * 1024
 _FORM_PATH = re.compile(r"^/f/([a-z0-9][a-z0-9_-]{0,39})/?$")
 # The default form's cap: its fields do not depend on the settings.
-_DEFAULT_CAP = forms.max_body_bytes(default_form("support@example.invalid", None))
+DEFAULT_BODY_CAP = forms.max_body_bytes(default_form("support@example.invalid", None))
 
 
 def limit_for(environ: WSGIEnvironment, forms_by_id: Mapping[str, FormDef] | None = None) -> int:
@@ -60,7 +60,7 @@ def limit_for(environ: WSGIEnvironment, forms_by_id: Mapping[str, FormDef] | Non
     POST /f/<id> that form's own (larger with file fields), here and nowhere else."""
     match = _FORM_PATH.match(str(environ.get("PATH_INFO", "")))
     form = (forms_by_id or {}).get(match.group(1)) if match else None
-    return forms.max_body_bytes(form) if form is not None else _DEFAULT_CAP
+    return forms.max_body_bytes(form) if form is not None else DEFAULT_BODY_CAP
 
 
 @dataclass(frozen=True)
