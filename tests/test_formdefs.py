@@ -281,3 +281,15 @@ def test_subject_rendering() -> None:
     assert rendered == "[Bug] Crash ()"
     with pytest.raises(ValueError, match="placeholder"):
         formdefs.subject_fields("{a.b}")
+
+
+def test_the_readme_forms_file_loads(tmp_path: Path) -> None:
+    """The forms file README's Embedding section shows is one the relay accepts."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("### Several forms", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    forms, listed = formdefs.load(write(tmp_path, block))
+    assert listed == []
+    assert forms is not None
+    assert sorted(forms) == ["sales", "support"]
+    assert forms["support"].file_fields[0].name == "screenshots"
+    assert forms["sales"].rate_limit == "3/minute"
