@@ -281,10 +281,10 @@ def test_db_upgrade_from_several_processes_at_once(env: Env) -> None:
     ]
     outputs = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
-    assert all("outbox schema at revision 0003" in out for out, _err in outputs)
+    assert all("outbox schema at revision 0004" in out for out, _err in outputs)
     again = env.invoke("db", "upgrade")
     assert again.exit_code == 0
-    assert "revision 0003" in again.output
+    assert "revision 0004" in again.output
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

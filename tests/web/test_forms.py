@@ -500,3 +500,22 @@ def test_utf8_form_bodies_still_read_as_before(client: FlaskClient, outbox: Outb
     (row,) = queued(outbox)
     assert row.subject == "Café au lait"
     assert json.dumps(row.meta)  # stored
+
+
+def test_files_that_cannot_be_stored_are_a_clear_error_and_nothing_is_accepted(
+    make_app: Callable[..., Flask], forms_file: Path, outbox: Outbox
+) -> None:
+    """The files are inside the message, one row: a store that cannot commit it is a 503
+    (the visitor is told to try again), never a message accepted without its files."""
+    dead = Outbox("postgresql+psycopg://postgres@127.0.0.1:1/none?connect_timeout=2")
+    try:
+        client = make_app(outbox_=dead, RELAY_FORMS_FILE=str(forms_file)).test_client()
+        response = post_bug(client, with_files(bug(), (PNG, "screen.png")))
+        assert response.status_code == 503
+        assert int(response.headers["Retry-After"]) > 0
+        html = response.get_data(as_text=True)
+        assert "We could not accept your message just now" in html
+        assert 'value="Crash on checkout"' in html
+    finally:
+        dead.dispose()
+    assert queued(outbox) == []
