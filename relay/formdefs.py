@@ -27,6 +27,7 @@ reading the file, nothing of the web.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import tomllib
@@ -190,9 +191,10 @@ class FormDef:
         return frozenset(default if self.allowed_origins is None else self.allowed_origins)
 
 
+@functools.lru_cache(maxsize=32)
 def default_form(support_address: str, thanks_url: str | None, from_name: str = "") -> FormDef:
     """The form the RELAY_ variables configure, at /form: four required fields, labelled by
-    the web layer's own translations."""
+    the web layer's own translations. Made once per settings (frozen, so shared)."""
     return FormDef(
         id=DEFAULT_ID,
         support_address=support_address,
