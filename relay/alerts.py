@@ -259,7 +259,11 @@ class EmailChannel:
         )
         try:
             outbox_id = await asyncio.to_thread(
-                self.store.enqueue, notice, metadata={"alert": str(alert.id)}, purpose="alert"
+                self.store.enqueue,
+                notice,
+                metadata={"alert": str(alert.id)},
+                purpose="alert",
+                form_id=None,
             )
         except RelayError as exc:
             raise ChannelError(str(exc)) from exc

@@ -26,7 +26,7 @@ from dotenv import dotenv_values
 from email_validator import EmailNotValidError, validate_email
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from relay import holdrules
+from relay import formdefs, holdrules
 from relay.errors import ConfigError
 
 PREFIX = "RELAY_"
@@ -159,6 +159,9 @@ class Settings(BaseModel):
     hold_rules_file: Path | None = Field(
         None, description="TOML rules that hold matching submissions for review"
     )
+    forms_file: Path | None = Field(
+        None, description="TOML forms served at /f/<id>, each with its own support address"
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     # --- the operator's console ---
     admin_users: SecretStr | None = Field(
@@ -197,6 +200,7 @@ class Settings(BaseModel):
     dkim_key_pem: bytes = Field(b"", exclude=True, repr=False)
     dkim_ed25519_key_pem: bytes | None = Field(None, exclude=True, repr=False)
     hold_rules: Any = Field(None, exclude=True, repr=False)  # holdrules.HoldRules
+    forms: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)  # FormDefs
     admin_hashes: dict[str, str] = Field(default_factory=dict, exclude=True, repr=False)
 
     @field_validator("dns_nameservers", mode="before")
@@ -236,6 +240,18 @@ class Settings(BaseModel):
         return items
 
     # --- derived values ---
+    @property
+    def default_form(self) -> formdefs.FormDef:
+        """The form of the RELAY_ variables, at /form."""
+        return formdefs.default_form(self.support_address, self.thanks_url)
+
+    def form(self, form_id: str) -> formdefs.FormDef | None:
+        """The default form or one of RELAY_FORMS_FILE's; None for an unknown id."""
+        if form_id == formdefs.DEFAULT_ID:
+            return self.default_form
+        found: formdefs.FormDef | None = self.forms.get(form_id)
+        return found
+
     @property
     def from_domain(self) -> str:
         return domain_of(self.from_address)
@@ -314,7 +330,7 @@ def env_var(field: str) -> str:
 
 # Settings that load_settings() derives; no variable sets them.
 DERIVED = frozenset(
-    {"warnings", "dkim_key_pem", "dkim_ed25519_key_pem", "hold_rules", "admin_hashes"}
+    {"warnings", "dkim_key_pem", "dkim_ed25519_key_pem", "hold_rules", "admin_hashes", "forms"}
 )
 
 
@@ -674,6 +690,7 @@ def load_settings(
     if s.hold_rules_file is not None:
         rules, rule_problems = holdrules.load(s.hold_rules_file)
         problems.extend(rule_problems)
+    forms = _forms(s, bad, problems)
     _check_production(s, problems)
     if problems:
         raise ConfigError(problems)
@@ -684,5 +701,22 @@ def load_settings(
             "dkim_ed25519_key_pem": ed_pem,
             "hold_rules": rules,
             "admin_hashes": hashes,
+            "forms": forms,
         }
     )
+
+
+def _forms(s: Settings, bad: set[str], problems: list[str]) -> dict[str, Any]:
+    """RELAY_FORMS_FILE's forms by id (relay.formdefs checks them, every problem named)."""
+    if s.forms_file is None:
+        return {}
+    own = re.match(r"^(https?://[^/?#\s]+)", s.public_url or "")
+    found, form_problems = formdefs.load(
+        s.forms_file,
+        test_domains=s.allow_test_domains,
+        from_address="" if "from_address" in bad else s.from_address,
+        own_origin=own.group(1).lower() if own else None,
+        default_origins=s.allowed_origins,
+    )
+    problems.extend(form_problems)
+    return found or {}

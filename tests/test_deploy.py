@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from relay import formdefs
 from relay.config import Settings, documented_variables
-from relay.web import forms
+from relay.web import body, forms
 from tests.conftest import unavailable
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -228,7 +229,24 @@ def test_nginx_site_sets_the_headers_the_app_trusts() -> None:
     cap = re.search(r"client_max_body_size (\d+)k;", site)
     assert cap is not None
     # nginx must not refuse what the app accepts: the app answers oversize posts itself.
-    assert int(cap.group(1)) * 1024 > forms.max_body_bytes()
+    assert int(cap.group(1)) * 1024 > body.DEFAULT_BODY_CAP
+    # The forms of RELAY_FORMS_FILE: the largest a form may be (every field a textarea,
+    # the most attachments).
+    forms_cap = re.search(r"location \^~ /f/ \{\n\s+client_max_body_size (\d+)m;", site)
+    assert forms_cap is not None
+    largest = formdefs.FormDef(
+        "largest",
+        "a@b.test",
+        (
+            *tuple(
+                formdefs.FieldDef(f"f{n}", "textarea", max_length=formdefs.TYPE_MAX["textarea"])
+                for n in range(formdefs.MAX_FIELDS - 1)
+            ),
+            formdefs.FieldDef("files", "file"),
+        ),
+        attachments=formdefs.Attachments(20, formdefs.MAX_TOTAL_CAP, formdefs.MAX_TOTAL_CAP),
+    )
+    assert int(forms_cap.group(1)) * 1024 * 1024 > forms.max_body_bytes(largest)
 
 
 def test_compose_file_is_consistent() -> None:

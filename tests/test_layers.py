@@ -16,7 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 RELAY = ROOT / "relay"
 
-BASE = {"relay.config", "relay.errors", "relay.logs", "relay.metrics", "relay.holdrules"}
+BASE = {
+    "relay.config",
+    "relay.errors",
+    "relay.logs",
+    "relay.metrics",
+    "relay.holdrules",
+    "relay.formdefs",
+}
 
 # layer -> the layers it may import (itself included). Read bottom-up.
 ALLOWED: dict[str, set[str]] = {

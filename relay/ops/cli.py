@@ -194,6 +194,7 @@ def worker(ctx: click.Context, once: bool) -> None:
 
 @main.command("log")
 @click.option("--status", type=click.Choice(STATUSES), help="Only this status.")
+@click.option("--form", "form_id", help="Only this form's messages (default: the one at /form).")
 @click.option("--since", callback=_duration, help="Only messages newer than this (2h, 3d).")
 @click.option("--limit", type=click.IntRange(1, 100000), default=None, help="At most (default 50).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
@@ -203,6 +204,7 @@ def log_command(
     ctx: click.Context,
     *,
     status: str | None,
+    form_id: str | None,
     since: Any,
     limit: int | None,
     as_json: bool,
@@ -218,14 +220,14 @@ def log_command(
     store = _outbox(ctx)
     if as_csv:
         try:
-            rows_out = walk(store.browse, LogFilter(status=status, since=since))
+            rows_out = walk(store.browse, LogFilter(status=status, since=since, form=form_id))
             for line in views.csv_lines(islice(rows_out, limit)):
                 click.echo(line, nl=False)
         except StoreError as exc:
             fail(f"relay log: {exc}")
         return
     try:
-        rows = store.list_messages(status=status, since=since, limit=limit or 50)
+        rows = store.list_messages(status=status, since=since, limit=limit or 50, form=form_id)
     except StoreError as exc:
         fail(f"relay log: {exc}")
     now = store.clock()
@@ -624,6 +626,27 @@ def alerts_unit_failed(ctx: click.Context, unit: str) -> None:
         lines = asyncio.run(dispatcher.send_direct(Webhook(settings), row))
     for line in lines:
         click.echo(line)
+
+
+# --- forms ---------------------------------------------------------------------------------
+
+
+@main.group("forms")
+def forms_group() -> None:
+    """The forms: the default one at /form and RELAY_FORMS_FILE's at /f/<id>."""
+
+
+@forms_group.command("check")
+@click.argument("path", required=False, type=click.Path(dir_okay=False, path_type=Path))
+def forms_check(path: Path | None) -> None:
+    """Check the forms file (RELAY_FORMS_FILE, or PATH before deploying it) with the rest of
+    the configuration; print each form's URL and embed snippet. Exit 2 listing every problem."""
+    from relay.ops.forms import check  # noqa: PLC0415
+
+    code, lines = check(path)
+    for line in lines:
+        click.echo(line, err=code != 0)
+    sys.exit(code)
 
 
 # --- admin ---------------------------------------------------------------------------------

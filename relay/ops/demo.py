@@ -49,6 +49,7 @@ from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.mail.signing import dkim_txt_record
+from relay.ops.demo_forms import FORM_ID, SUPPORT_LOCAL, report_page, write_forms
 from relay.ops.doctor import auth_verdicts, run_checks
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
@@ -192,6 +193,14 @@ def demo_settings(
         "RELAY_HCAPTCHA_SECRET": HCAPTCHA_TEST_SECRET,
         "RELAY_ALLOWED_ORIGINS": ",".join(u for u in (base_url, shop_url) if u),
         "RELAY_ALERT_GROUP_WINDOW": "5",
+        "RELAY_FORMS_FILE": str(
+            write_forms(
+                folder,
+                support=f"{SUPPORT_LOCAL}@{SUPPORT_DOMAIN}",
+                base=base_url,
+                shop=shop_url or base_url,
+            )
+        ),
     }
     if console_password:
         from argon2 import PasswordHasher  # noqa: PLC0415
@@ -244,6 +253,10 @@ class Sandbox:
     @property
     def form_url(self) -> str:
         return f"{self.base_url}/form"
+
+    @property
+    def report_url(self) -> str:
+        return f"{self.base_url}/f/{FORM_ID}"
 
     @property
     def console_url(self) -> str:
@@ -371,15 +384,18 @@ def shop_page(base_url: str) -> Callable[[Any, Any], list[bytes]]:
 embedded with one script tag:</p>
 <pre>&lt;script src="{base_url}/embed.js" async&gt;&lt;/script&gt;</pre>
 <script src="{base_url}/embed.js" async></script>
+<p><a href="/report">Report a problem (a second form, with a file field)</a></p>
 </body></html>
 """.encode()
+    pages = {"/": html, "/report": report_page(base_url)}
 
     def app(environ: Any, start_response: Any) -> list[bytes]:
-        if environ.get("PATH_INFO", "/") != "/":
+        page = pages.get(environ.get("PATH_INFO", "/"))
+        if page is None:
             start_response("404 Not Found", [("Content-Type", "text/plain")])
             return [b"not found\n"]
         start_response("200 OK", [("Content-Type", "text/html; charset=utf-8")])
-        return [html]
+        return [page]
 
     return app
 
@@ -445,12 +461,14 @@ def banner(box: Sandbox, folder: Path) -> str:
 formrelay demo: everything runs on 127.0.0.1 and stops with Ctrl-C.
 
   Form:        {box.form_url}
+  Second form: {box.report_url} (a file field; to {SUPPORT_LOCAL}@{SUPPORT_DOMAIN})
   Console:     {box.console_url}  (user {CONSOLE_USER}, password {box.console_password})
                Use a visitor address at {VISITOR_DOMAIN} (the demo DNS knows only its own
                .test names). Without internet the hCaptcha widget cannot load: tick the
                "demo CAPTCHA" box instead (demo only; refused outside RELAY_ENV=demo).
   Embed:       <script src="{box.base_url}/embed.js" async></script>
   Your site:   {box.shop_url}/ (another origin, embedding the form with that snippet)
+               {box.shop_url}/report (the second form: data-form="{FORM_ID}")
   Support:     {box.settings.support_address} -> mx.{SUPPORT_DOMAIN} on \
 {box.mailbox.host}:{box.mailbox.port} (greylists each new sender once)
   Mailbox:     {folder / "Maildir"}

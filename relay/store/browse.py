@@ -6,8 +6,9 @@ read every row it skips. `ix_messages_created_id` serves the unfiltered log and
 `ix_messages_status_created` a status; free text is a LIKE over subject and visitor (plus
 exact id and Message-ID), scanned newest first until the page is full.
 
-`LogFilter` is the one place a filter becomes SQL: a new filter (a form id, say) is a field
-and a condition there, and the console, the CSV export and `relay log` get it at once.
+`LogFilter` is the one place a filter becomes SQL: a new filter is a field and a condition
+there, and the console, the CSV export and `relay log` get it at once. One form's log
+(`form`) is served by `ix_messages_form_created`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class LogFilter:
     status: str | None = None
     since: timedelta | None = None  # only messages newer than this
     text: str = ""  # part of the subject or visitor address, or an exact id / Message-ID
+    form: str | None = None  # only messages of this form ("default": the one at /form)
 
     def __post_init__(self) -> None:
         if self.status is not None and self.status not in STATUSES:
@@ -49,6 +51,8 @@ class LogFilter:
         found: list[sa.ColumnElement[bool]] = []
         if self.status:
             found.append(m.status == self.status)
+        if self.form:
+            found.append(m.form_id == self.form)
         if self.since is not None:
             found.append(m.created_at >= now - self.since)
         text = self.query_text

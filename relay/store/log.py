@@ -44,12 +44,15 @@ class MessageLog(Database):
         status: str | None = None,
         since: timedelta | None = None,
         limit: int = 50,
+        form: str | None = None,
     ) -> list[MessageRow]:
-        """Newest first."""
+        """Newest first; `form`: only that form's messages."""
         m = messages.c
         query = sa.select(*MESSAGE_COLUMNS).order_by(m.created_at.desc(), m.id).limit(limit)
         if status:
             query = query.where(m.status == status)
+        if form:
+            query = query.where(m.form_id == form)
         if since is not None:
             query = query.where(m.created_at >= self.clock() - since)
         with self.tx() as conn:

@@ -103,9 +103,11 @@ class Outbox(MessageLog):
         metadata: Mapping[str, str] | None = None,
         held_by: str | None = None,
         purpose: str = "form",
+        form_id: str | None = "default",
     ) -> str:
         """Store an unsigned message, due now (or, `held_by` a hold rule, held for the
-        operator's review); returns its outbox id only after the commit."""
+        operator's review); returns its outbox id only after the commit. `form_id` is the
+        form it came from (None for an alert)."""
         now = self.clock()
         outbox_id = new_id()
         self._enqueue.write(
@@ -126,6 +128,7 @@ class Outbox(MessageLog):
                 "held_by": held_by,
                 "visitor": getattr(built, "reply_to", None) or None,
                 "purpose": purpose,
+                "form_id": form_id,
             }
         )
         return outbox_id

@@ -69,6 +69,7 @@ class MessageRow:
     visitor: str | None = None
     purpose: str = "form"
     claim_token: int = 0
+    form_id: str | None = "default"
 
     @property
     def last_reply(self) -> str:

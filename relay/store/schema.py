@@ -86,10 +86,13 @@ messages = sa.Table(
     sa.Column("visitor", sa.String(320), nullable=True),  # Reply-To, for the console's search
     sa.Column("purpose", sa.String(16), nullable=False, server_default="form"),
     sa.Column("claim_token", sa.Integer, nullable=False, server_default="0"),
+    # The form it came from ("default": the RELAY_ variables' form); NULL for an alert.
+    sa.Column("form_id", sa.String(64), nullable=True, server_default="default"),
     sa.Index("ix_messages_due", "status", "next_attempt_at"),
     # The console's log, newest first by keyset (created_at, id): all of it, or one status.
     sa.Index("ix_messages_created_id", "created_at", "id"),
     sa.Index("ix_messages_status_created", "status", "created_at", "id"),
+    sa.Index("ix_messages_form_created", "form_id", "created_at", "id"),
 )
 
 attempts = sa.Table(

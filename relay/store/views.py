@@ -116,6 +116,7 @@ def log_record(row: MessageRow, now: datetime) -> dict[str, Any]:
         "failure_reason": row.failure_reason,
         "subject": row.subject,
         "held_by": row.held_by,
+        "form_id": row.form_id,
     }
 
 
@@ -137,6 +138,7 @@ CSV_COLUMNS = (
     "failure_reason",
     "held_by",
     "purpose",
+    "form_id",
 )
 # A cell a spreadsheet would run as a formula (OWASP's CSV injection): visitors write subjects.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -4,6 +4,7 @@ the environment; the CLI, the demo and the tests pass their own."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from typing import Any
@@ -22,7 +23,7 @@ from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.store.outbox import Outbox
 from relay.web import console, forms
-from relay.web.body import BodyReader, refuse_unread_body
+from relay.web.body import BodyReader, close_body, limit_for, refuse_unread_body
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
     everyone,
@@ -33,7 +34,7 @@ from relay.web.handlers import (
 )
 from relay.web.origins import origin_of
 from relay.web.pages import STATIC, TEMPLATES, TRANSLATIONS, select_locale
-from relay.web.state import Checks, WebState
+from relay.web.state import Checks, FormLimits, WebState
 from relay.web.views import bp
 
 log = logging.getLogger("relay.web")
@@ -64,9 +65,15 @@ def create_app(
         BABEL_DEFAULT_LOCALE="en",
         WTF_CSRF_ENABLED=False,
     )
-    # Every body is read whole, capped and timed before Flask sees it (relay/web/body.py).
-    app.wsgi_app = BodyReader(app.wsgi_app, timeout=settings.body_timeout)  # type: ignore[method-assign]
+    # Every body is read whole, capped (per form) and timed before Flask sees it
+    # (relay/web/body.py).
+    app.wsgi_app = BodyReader(  # type: ignore[method-assign]
+        app.wsgi_app,
+        timeout=settings.body_timeout,
+        limit=functools.partial(limit_for, forms_by_id=settings.forms),
+    )
     app.before_request(refuse_unread_body)  # first: before the rate limiter counts the post
+    app.teardown_request(close_body)
     if settings.trusted_proxies:
         hops = settings.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
@@ -85,6 +92,7 @@ def create_app(
         limiter=_limiter(app, settings),
         metrics=Metrics(),
         checks=checks,
+        form_limits=FormLimits.from_settings(settings),
     )
 
     Babel(app, locale_selector=select_locale)

@@ -10,6 +10,10 @@ up to `limit_for(environ)` + 1 bytes within `timeout` seconds, and hands the app
 bytes it read with their exact Content-Length, or an empty body and a `Problem` that
 `refuse_unread_body` answers: 413 too large, 408 too slow, 400 shorter than announced or
 badly framed. Nothing downstream ever parses part of a body.
+
+A form with file fields takes a larger body (its files' total, relay.web.forms.max_body_bytes).
+Past SPOOL_BYTES a body goes to a temporary file, not memory, and reading stops at the cap:
+a 30 MB upload to a 10 MB form costs the server one megabyte of memory, then a 413.
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import io
 import itertools
 import logging
 import os
+import re
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from flask import abort, request
+from werkzeug.wsgi import ClosingIterator
 
+from relay.formdefs import FormDef, default_form
 from relay.logs import event
 from relay.web import forms
 
@@ -37,15 +45,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("relay.web")
 
 PROBLEM = "formrelay.body_problem"
+BODY = "formrelay.body"
 # Where WSGI servers put the client's socket: gunicorn, werkzeug's development server.
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 READ_SIZE = 64 * 1024
+SPOOL_BYTES = 1024 * 1024
+_FORM_PATH = re.compile(r"^/f/([a-z0-9][a-z0-9_-]{0,39})/?$")
+# The default form's cap: its fields do not depend on the settings.
+DEFAULT_BODY_CAP = forms.max_body_bytes(default_form("support@example.invalid", None))
 
 
-def limit_for(environ: WSGIEnvironment) -> int:
-    """The most bytes a request body may carry. Every route has the form's cap today; a route
-    that takes file uploads gets its own limit here, and nowhere else."""
-    return forms.max_body_bytes()
+def limit_for(environ: WSGIEnvironment, forms_by_id: Mapping[str, FormDef] | None = None) -> int:
+    """The most bytes a request body may carry: the default form's cap everywhere, and for
+    POST /f/<id> that form's own (larger with file fields), here and nowhere else."""
+    match = _FORM_PATH.match(str(environ.get("PATH_INFO", "")))
+    form = (forms_by_id or {}).get(match.group(1)) if match else None
+    return forms.max_body_bytes(form) if form is not None else DEFAULT_BODY_CAP
 
 
 @dataclass(frozen=True)
@@ -77,44 +92,54 @@ class BodyReader:
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         body, problem = self.read(environ)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
+        size = body.seek(0, io.SEEK_END)
+        body.seek(0)
+        environ["wsgi.input"] = environ[BODY] = body
+        environ["CONTENT_LENGTH"] = str(size)
         # werkzeug ignores CONTENT_LENGTH while the request says it is chunked.
         environ.pop("HTTP_TRANSFER_ENCODING", None)
         if problem is not None:
             environ[PROBLEM] = problem
-        return self.app(environ, start_response)
+        # A spooled body's file goes when the answer is sent (and at the latest when the
+        # request ends: close_body).
+        return ClosingIterator(self.app(environ, start_response), [body.close])
 
-    def read(self, environ: WSGIEnvironment) -> tuple[bytes, Problem | None]:
+    def read(self, environ: WSGIEnvironment) -> tuple[IO[bytes], Problem | None]:
         framing = framing_of(environ)
         if framing == "none":
-            return b"", None
+            return io.BytesIO(), None
         limit = self.limit(environ)
         declared = declared_length(environ)
         if framing == "length" and declared is None:
-            return b"", Problem(400, "unreadable", framing, 0, None, limit)
+            return io.BytesIO(), Problem(400, "unreadable", framing, 0, None, limit)
         if declared is not None and declared > limit:
-            return b"", Problem(413, "too_large", framing, 0, declared, limit)
+            return io.BytesIO(), Problem(413, "too_large", framing, 0, declared, limit)
         want = declared if declared is not None else limit + 1
         started = time.monotonic()
-        body: bytes | None = None
+        sink = sink_for(limit)
+        received: int | None = None
         # Any failure is the server's reader refusing the framing (a bad chunk size, an end
         # of file inside a chunk): the body cannot be read, whatever the cause.
         with (
             self.deadlines.watch(client_socket(environ), started + self.timeout),
             contextlib.suppress(Exception),
         ):
-            body = read_up_to(environ["wsgi.input"], want)
+            received = read_up_to(environ["wsgi.input"], want, sink)
         late = time.monotonic() - started >= self.timeout
-        received = 0 if body is None else len(body)
-        if body is None or (declared is not None and received < declared):
+        problem: Problem | None = None
+        if received is None or (declared is not None and received < declared):
+            got = received or 0
             if late:
-                return b"", Problem(408, "timeout", framing, received, declared, limit)
-            reason = "unreadable" if body is None else "incomplete"
-            return b"", Problem(400, reason, framing, received, declared, limit)
-        if received > limit:
-            return b"", Problem(413, "too_large", framing, received, declared, limit)
-        return body, None
+                problem = Problem(408, "timeout", framing, got, declared, limit)
+            else:
+                reason = "unreadable" if received is None else "incomplete"
+                problem = Problem(400, reason, framing, got, declared, limit)
+        elif received > limit:
+            problem = Problem(413, "too_large", framing, received, declared, limit)
+        if problem is not None:
+            sink.close()  # a spooled file on disk goes now, not when the request ends
+            return io.BytesIO(), problem
+        return sink, None
 
 
 def framing_of(environ: WSGIEnvironment) -> str:
@@ -134,17 +159,23 @@ def declared_length(environ: WSGIEnvironment) -> int | None:
     return int(value) if value.isascii() and value.isdigit() else None
 
 
-def read_up_to(stream: Any, want: int) -> bytes:
-    """At most `want` bytes; fewer when the stream ends first."""
-    chunks: list[bytes] = []
+def sink_for(limit: int) -> IO[bytes]:
+    """Memory for a body that is small whatever it says; a file past SPOOL_BYTES otherwise."""
+    if limit <= SPOOL_BYTES:
+        return io.BytesIO()
+    return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+b")
+
+
+def read_up_to(stream: Any, want: int, sink: IO[bytes]) -> int:
+    """Copy at most `want` bytes into `sink`; fewer when the stream ends first."""
     got = 0
     while got < want:
         data = stream.read(min(READ_SIZE, want - got))
         if not data:
             break
-        chunks.append(data)
+        sink.write(data)
         got += len(data)
-    return b"".join(chunks)
+    return got
 
 
 def client_socket(environ: WSGIEnvironment) -> socket.socket | None:
@@ -213,6 +244,14 @@ def stop_reading(sock: socket.socket) -> None:
     state that the answer still needs."""
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RD)
+
+
+def close_body(_exc: BaseException | None = None) -> None:
+    """teardown_request: the body BodyReader read (a temporary file past SPOOL_BYTES) is
+    closed as the request ends, whoever holds the answer."""
+    body = request.environ.get(BODY)
+    if body is not None:
+        body.close()
 
 
 def refuse_unread_body() -> None:

@@ -1,8 +1,9 @@
-"""The contact form: reading untrusted input and validating every field.
+"""Every form's input: reading untrusted bodies and validating each field by its definition
+(relay.formdefs: the default form at /form and those of RELAY_FORMS_FILE alike).
 
 Reading never fails with a 500: a body that is not a JSON object and values of the wrong type
-become field errors. Percent-encoded bytes that are not UTF-8 are kept by werkzeug as the literal
-text (`%FF`), so they reach the message as visible, harmless characters.
+become field errors. Text that is not UTF-8 (a JSON body, a form-encoded or a multipart one)
+is an error on the field that carried it, never a silent replacement character.
 Validation is strict where the message builder is lenient: a control character is an error
 shown to the visitor, not something silently stripped from their message.
 
@@ -13,105 +14,149 @@ never loses a visitor's message; the worker deals with it at delivery.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
+from urllib.parse import parse_qsl
 
 import dns.resolver
 from email_validator import EmailNotValidError, validate_email
 from flask_babel import lazy_gettext as _l
-from flask_wtf import FlaskForm
 from werkzeug.datastructures import MultiDict
-from wtforms import EmailField, StringField, TextAreaField
 
 from relay.config import Settings
 from relay.errors import MessageError
+from relay.formdefs import FieldDef, FormDef
 from relay.logs import event
 from relay.mail import message as message_module
 from relay.mail import mx
+from relay.mail.attachments import Attachment
 from relay.web.captcha import MAX_TOKEN_LENGTH
+from relay.web.uploads import Upload, check_files
 
 log = logging.getLogger("relay.forms")
 
-FIELDS = ("name", "email", "subject", "message")
+FIELDS = ("name", "email", "subject", "message")  # the default form's
 HONEYPOT = "website"
 CAPTCHA = "h-captcha-response"
-# Keys read from the request; anything else (to, cc, bcc, recipient...) is ignored.
-ACCEPTED = (*FIELDS, HONEYPOT, CAPTCHA)
 # Line breaks are allowed in the message only; tab is allowed there too.
 _MULTILINE_OK = frozenset("\n\r\t")
 _BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 _ASCII_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ASCII_CONTROL_MULTILINE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# What a body that is not UTF-8 decodes to with "surrogateescape": one per byte.
+_UNDECODABLE = re.compile("[\udc80-\udcff]")
+_TEL = re.compile(r"^\+?[0-9 ().-]{3,40}$")
+_URL = re.compile(r"^https?://[^\s/?#]+\.[^\s/?#]+(?:[/?#]\S*)?$", re.IGNORECASE)
+_NUMBER = re.compile(r"^-?[0-9]{1,30}(?:\.[0-9]{1,8})?$")
+UNREADABLE = _l("This contains characters we could not read.")
 
 
-def limits() -> dict[str, int]:
-    """Maximum length in characters of each field, from relay.mail.message."""
-    return {
-        "name": message_module.NAME_MAX,
-        "email": message_module.EMAIL_MAX,
-        "subject": message_module.SUBJECT_MAX,
-        "message": message_module.MESSAGE_MAX,
-    }
+def accepted_keys(form: FormDef) -> tuple[str, ...]:
+    """Keys read from the request; anything else (to, cc, bcc, recipient...) is ignored."""
+    return (*(f.name for f in form.fields if f.type != "file"), HONEYPOT, CAPTCHA)
 
 
-def max_body_bytes() -> int:
+def limits(form: FormDef) -> dict[str, int]:
+    """Maximum length in characters of each field."""
+    return {f.name: f.max_length for f in form.fields if f.type != "file"}
+
+
+def max_body_bytes(form: FormDef) -> int:
     """The form's body cap (relay.web.body.limit_for): every field at its limit in the worst
-    encoding (12 bytes a char as percent-encoded UTF-8 or a JSON surrogate pair), plus room
-    for the CAPTCHA token."""
-    return 12 * sum(limits().values()) + 96 * 1024
-
-
-class ContactForm(FlaskForm):  # type: ignore[misc]
-    """Rendering and the per-field rules; CSRF is the Origin check in web.py (see
-    docs/security.md), so the WTForms token is off."""
-
-    class Meta:
-        csrf = False
-
-    name = StringField(_l("Your name"))
-    email = EmailField(_l("Your email address"))
-    subject = StringField(_l("Subject"))
-    message = TextAreaField(_l("Message"))
-    website = StringField(_l("Leave this field empty"))
+    encoding (12 bytes a char as percent-encoded UTF-8 or a JSON surrogate pair), room for
+    the CAPTCHA token, and the files' total with room for their part headers."""
+    text = 12 * sum(limits(form).values()) + 96 * 1024
+    if not form.file_fields:
+        return text
+    return text + form.attachments.max_total_bytes + 2048 * (form.attachments.max_files + 8)
 
 
 @dataclass
 class Parsed:
-    """What the request carried: the form data (strings only) and errors found while reading."""
+    """What the request carried: the form data (strings only; several values for a
+    checkbox group), files by field, and errors found while reading."""
 
     data: MultiDict[str, str]
     errors: dict[str, list[str]] = field(default_factory=dict)
+    files: dict[str, list[Upload]] = field(default_factory=dict)
 
 
-def read_json(payload: Any) -> Parsed:
-    """A JSON body: must be an object; each accepted value must be a string."""
+def read_json(raw: bytes, form: FormDef) -> Parsed:
+    """A JSON body: must be an object; each accepted value a string (or, for a checkbox
+    group, a list of strings). Bytes that are not UTF-8 are an error on their field."""
+    try:
+        payload = json.loads(raw.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        payload = None
     if not isinstance(payload, dict):
         return Parsed(MultiDict(), {"form": [str(_l("The request must be a JSON object."))]})
     data: MultiDict[str, str] = MultiDict()
     errors: dict[str, list[str]] = {}
-    for key in ACCEPTED:
-        if key not in payload or payload[key] is None:
+    for key in accepted_keys(form):
+        value = payload.get(key)
+        if value is None:
             continue
-        value = payload[key]
-        if isinstance(value, str):
-            data[key] = value
-        else:
+        items = value if isinstance(value, list) and _is_group(form, key) else [value]
+        if not all(isinstance(item, str) for item in items):
             errors[key] = [str(_l("This must be text."))]
+            continue
+        _keep(data, errors, key, items)
     return Parsed(data, errors)
 
 
-def read_form(form: Mapping[str, Any]) -> Parsed:
-    """A form-encoded body: the first value of each accepted key."""
+def read_urlencoded(raw: bytes, form: FormDef) -> Parsed:
+    """A form-encoded body, decoded strictly (werkzeug keeps `%FF` as the text "%FF")."""
+    text = raw.decode("utf-8", "surrogateescape")
+    pairs = parse_qsl(text, keep_blank_values=True, errors="surrogateescape")
+    return _from_pairs(pairs, form)
+
+
+def read_multipart(fields: MultiDict[str, str], files: Any, form: FormDef) -> Parsed:
+    """A multipart body as werkzeug parsed it: text it could not decode as UTF-8 arrives as
+    U+FFFD, an error on its field; the files of each file field, read whole (the body was
+    capped before, relay.web.body)."""
+    parsed = _from_pairs(fields.items(multi=True), form)
+    for spec in form.file_fields:
+        uploads = [
+            Upload(item.filename or "", item.mimetype or "", item.stream.read())
+            for item in files.getlist(spec.name)
+            if item.filename
+        ]
+        if uploads:
+            parsed.files[spec.name] = uploads
+    return parsed
+
+
+def _from_pairs(pairs: Any, form: FormDef) -> Parsed:
+    wanted = set(accepted_keys(form))
     data: MultiDict[str, str] = MultiDict()
-    for key in ACCEPTED:
-        value = form.get(key)
-        if isinstance(value, str):
-            data[key] = value
-    return Parsed(data)
+    errors: dict[str, list[str]] = {}
+    seen: dict[str, list[str]] = {}
+    for key, value in pairs:
+        if key in wanted:
+            seen.setdefault(key, []).append(value)
+    for key, values in seen.items():
+        _keep(data, errors, key, values if _is_group(form, key) else values[:1])
+    return Parsed(data, errors)
+
+
+def _keep(data: MultiDict[str, str], errors: dict[str, list[str]], key: str, items: Any) -> None:
+    if any(_UNDECODABLE.search(item) or "\ufffd" in item for item in items):
+        errors[key] = [str(UNREADABLE)]
+        return
+    for item in items:
+        data.add(key, item)
+
+
+def _is_group(form: FormDef, key: str) -> bool:
+    spec = form.field(key)
+    return spec is not None and spec.type == "checkbox" and bool(spec.choices)
 
 
 def control_characters(value: str, *, multiline: bool) -> bool:
@@ -134,14 +179,27 @@ def control_characters(value: str, *, multiline: bool) -> bool:
 
 @dataclass(frozen=True)
 class Clean:
-    """Validated, normalised values ready for relay.message.Submission."""
+    """Validated, normalised values ready for relay.mail.message.Submission: every field's
+    text by name (a checkbox group's choices joined by ", "), the address, the files."""
 
-    name: str
+    values: Mapping[str, str]
     email: str
-    subject: str
-    message: str
+    files: tuple[Attachment, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.values.get("name", "")
+
+    @property
+    def subject(self) -> str:
+        return self.values.get("subject", "")
+
+    @property
+    def message(self) -> str:
+        return self.values.get("message", "")
 
 
+# The default form's own words for a missing field.
 _REQUIRED = {
     "name": _l("Please enter your name."),
     "email": _l("Please enter your email address."),
@@ -153,77 +211,130 @@ CAPTCHA_FAILED = _l("The CAPTCHA check failed or expired. Please complete it aga
 
 
 def validate(
-    data: Mapping[str, str],
+    data: MultiDict[str, str] | Mapping[str, str],
     settings: Settings,
     resolver: Any,
     *,
+    form: FormDef | None = None,
     errors: Mapping[str, list[str]] | None = None,
+    files: Mapping[str, list[Upload]] | None = None,
     captcha: bool = False,
 ) -> tuple[Clean | None, dict[str, list[str]]]:
-    """Check every field of `data`; return clean values, or None and {field: [messages]}.
-    `errors` are problems already found while reading the request (kept, not re-checked).
+    """Check every field of `form` (default: the one at /form) in `data`; return clean
+    values, or None and {field: [messages]}. `errors` are problems already found while
+    reading the request (kept, not re-checked).
 
     `captcha`: the token is a field too (the web form; `relay send` has none). A missing or
     unreadable token is reported beside the other fields, so the visitor learns everything
     in one round, and siteverify is only ever asked about a token of an otherwise valid form."""
+    form = form or settings.default_form
     errors = {k: list(v) for k, v in (errors or {}).items()}
     values: dict[str, str] = {}
-    for name in FIELDS:
-        if name in errors:
+    for spec in form.fields:
+        if spec.name in errors or spec.type == "file":
             continue
-        value, problem = check_field(name, data.get(name) or "")
+        value, problem = check_field(spec, _values_of(data, spec), default=form.is_default)
         if problem is None:
-            values[name] = value
+            values[spec.name] = value
         else:
-            errors[name] = [problem]
+            errors[spec.name] = [problem]
+    attachments, file_errors = check_files(form, files or {})
+    errors.update({k: v for k, v in file_errors.items() if k not in errors})
     if captcha and CAPTCHA not in errors:
         problem = check_token(data.get(CAPTCHA) or "")
         if problem is not None:
             errors[CAPTCHA] = [problem]
-    if "email" in values:
-        email = _check_email(values["email"], settings, resolver)
+    email_name = form.email_field
+    if email_name in values:
+        email = _check_email(values[email_name], settings, resolver)
         if isinstance(email, list):
-            errors["email"] = email
+            errors[email_name] = email
         else:
-            values["email"] = email
+            values[email_name] = email
     if errors:
         return None, errors
-    max_len = limits()
     try:
-        clean = Clean(
-            name=message_module.sanitize_text(
-                values["name"], max_length=max_len["name"], multiline=False
-            ),
-            email=values["email"],
-            subject=message_module.sanitize_text(
-                values["subject"], max_length=max_len["subject"], multiline=False
-            ),
-            message=message_module.sanitize_text(
-                values["message"], max_length=max_len["message"], multiline=True
-            ),
-        )
+        clean = {
+            spec.name: message_module.sanitize_text(
+                values[spec.name], max_length=spec.max_length, multiline=spec.multiline
+            )
+            for spec in form.fields
+            if spec.name in values and spec.type != "email"
+        }
     except (ValueError, MessageError):
         return None, {"form": [str(_l("We could not accept this message. Please check it."))]}
-    return clean, {}
+    return Clean({**clean, email_name: values[email_name]}, values[email_name], attachments), {}
 
 
-def check_field(name: str, raw: str) -> tuple[str, str | None]:
-    """(the value as validated, None) or (_, the visitor's message) for one visitor field."""
-    max_len = limits()[name]
-    multiline = name == "message"
-    raw = raw.replace("\r\n", "\n")
-    value = raw if multiline else raw.strip()
+def _values_of(data: MultiDict[str, str] | Mapping[str, str], spec: FieldDef) -> list[str]:
+    if isinstance(data, MultiDict):
+        return [v for v in data.getlist(spec.name) if v is not None]
+    value = data.get(spec.name)
+    return [value] if isinstance(value, str) else []
+
+
+def check_field(spec: FieldDef, raw_values: list[str], *, default: bool) -> tuple[str, str | None]:
+    """(the value as validated, None) or (_, the visitor's message) for one field."""
+    if spec.type == "checkbox":
+        return _check_box(spec, raw_values)
+    raw = (raw_values[0] if raw_values else "").replace("\r\n", "\n")
+    value = raw if spec.multiline else raw.strip()
     if not value.strip():
-        return value, str(_REQUIRED[name])
-    if len(value) > max_len:
-        return value, str(_l("Please use at most %(max)d characters.", max=max_len))
-    return value, text_problem(value, multiline=multiline)
+        if not spec.required:
+            return "", None
+        if default and spec.name in _REQUIRED:
+            return value, str(_REQUIRED[spec.name])
+        if spec.type == "email":
+            return value, str(_REQUIRED["email"])
+        if spec.choices:
+            return value, str(_l("Please choose one of the options."))
+        return value, str(_l("Please fill in this field."))
+    if len(value) > spec.max_length:
+        return value, str(_l("Please use at most %(max)d characters.", max=spec.max_length))
+    problem = text_problem(value, multiline=spec.multiline)
+    return value, problem or _type_problem(spec, value)
+
+
+def _check_box(spec: FieldDef, raw_values: list[str]) -> tuple[str, str | None]:
+    """A single box: ticked or not ("yes" / ""); a group: the choices ticked."""
+    ticked = [v.strip() for v in raw_values if v.strip()]
+    if not spec.choices:
+        if spec.required and not ticked:
+            return "", str(_l("Please tick this box."))
+        return ("yes" if ticked else ""), None
+    if any(v not in spec.choices for v in ticked):
+        return "", str(_l("Please choose one of the options."))
+    if spec.required and not ticked:
+        return "", str(_l("Please choose at least one option."))
+    return ", ".join(c for c in spec.choices if c in ticked), None
+
+
+def _type_problem(spec: FieldDef, value: str) -> str | None:
+    kind = spec.type
+    if spec.choices and kind in ("select", "radio") and value not in spec.choices:
+        return str(_l("Please choose one of the options."))
+    if kind == "tel" and (not _TEL.match(value) or sum(c.isdigit() for c in value) < 3):
+        return str(_l("Please enter a phone number, like +81 3 1234 5678."))
+    if kind == "url" and not _URL.match(value):
+        return str(_l("Please enter a web address starting with https://."))
+    if kind == "number" and not _NUMBER.match(value):
+        return str(_l("Please enter a number, like 42 or 3.5."))
+    if kind == "date":
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            return str(_l("Please enter a date, like 2026-12-31."))
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return str(_l("Please enter a date, like 2026-12-31."))
+    if spec.pattern is not None and not spec.pattern.fullmatch(value):
+        return str(_l("Please use the format shown."))
+    return None
 
 
 def text_problem(value: str, *, multiline: bool) -> str | None:
     """The checks every text the request carries goes through before any use."""
     if "\ufffd" in value:
-        return str(_l("This contains characters we could not read."))
+        return str(UNREADABLE)
     if control_characters(value, multiline=multiline):
         return str(_l("Please remove control characters from this field."))
     return None

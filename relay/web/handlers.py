@@ -12,12 +12,14 @@ from flask import (
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import HTTPException
 
+from relay.formdefs import FormDef
 from relay.logs import event
 from relay.web import forms
 from relay.web.console import console_headers, is_console_path
 from relay.web.origins import origin_of
 from relay.web.pages import _, csp_nonce, json_errors, render_form, render_message_page, wants_json
-from relay.web.state import state
+from relay.web.state import allowed_origins, current_form, state
+from relay.web.uploads import human_size
 from relay.web.views import read_request
 
 log = logging.getLogger("relay.web")
@@ -52,16 +54,24 @@ def error_text(code: int) -> tuple[str, str]:
 def handle_http_error(exc: HTTPException) -> Response:
     code = exc.code or 500
     title, text = error_text(code)
+    form = current_form()
+    posted = form if request.method == "POST" else None
+    if code == 413 and posted is not None and posted.file_fields:
+        text = _(
+            "What you sent is too large: the files may be at most %(max)s together. Please "
+            "send smaller files and try again.",
+            max=human_size(posted.attachments.max_total_bytes),
+        )
     headers: dict[str, str] = {}
     if code == 429:
         headers["Retry-After"] = str(retry_after_seconds(exc))
         event(log, "form.rate_limited", ip=request.remote_addr, limit=exc.description)
-    if code in (413, 429) and request.method == "POST" and request.path == "/form":
+    if code in (413, 429) and posted is not None:
         state().metrics.submission("refused", "rate_limited" if code == 429 else "too_large")
     if wants_json():
         response = json_errors({"form": [text]}, code)
-    elif code == 429 and request.method == "POST" and request.path == "/form":
-        response = render_form(kept_form(), status=429, banner=text)
+    elif code == 429 and posted is not None:
+        response = render_form(posted, kept_input(posted), status=429, banner=text)
     else:
         response = render_message_page(title, text, code)
     response.headers.update(headers)
@@ -74,17 +84,19 @@ def handle_unexpected(exc: Exception) -> Response:
     return handle_http_error(HTTPException(description=str(type(exc).__name__)))
 
 
-def kept_form() -> forms.ContactForm:
+def kept_input(form: FormDef) -> forms.Parsed:
     """The visitor's input, for re-rendering after a refusal that happened before the view."""
     try:
-        parsed = read_request()
+        return read_request(form)
     except HTTPException:
-        parsed = forms.Parsed(MultiDict())
-    return forms.ContactForm(formdata=parsed.data)
+        return forms.Parsed(MultiDict())
 
 
 def retry_after_seconds(exc: HTTPException) -> int:
     """Seconds until the breached limit lets this client in again."""
+    own = getattr(exc, "retry_after", None)  # a form's own rate_limit (relay.web.state)
+    if isinstance(own, int):
+        return own
     current = state().limiter.current_limit
     if current is not None:
         return max(1, int(current.reset_at - time.time()))
@@ -99,10 +111,12 @@ def security_headers(response: Response) -> Response:
     if is_console_path(request.path):
         return console_headers(response)
     web = state()
-    ancestors = " ".join(["'self'", *sorted(web.allowed_origins)])
+    form = current_form() or web.settings.default_form
+    origins = allowed_origins(form)
+    ancestors = " ".join(["'self'", *sorted(origins)])
     form_action = "'self'"
-    if web.settings.thanks_url:
-        thanks_origin = origin_of(web.settings.thanks_url)
+    if form.thanks_url:
+        thanks_origin = origin_of(form.thanks_url)
         if thanks_origin:
             form_action += " " + thanks_origin
     nonce = csp_nonce()
@@ -130,7 +144,7 @@ def security_headers(response: Response) -> Response:
     if request.is_secure:
         response.headers["Strict-Transport-Security"] = "max-age=31536000"
     origin = request.headers.get("Origin", "").lower()
-    if request.path == "/form" and origin in web.allowed_origins:
+    if request.endpoint in ("web.form", "web.custom_form") and origin in origins:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = "Retry-After"
         response.vary.add("Origin")

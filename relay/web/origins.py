@@ -3,8 +3,8 @@
 Cross-site request forgery is refused by origin, not by a session token: the form is
 anonymous and state-less, it is meant to run in a third-party iframe where session cookies
 are often blocked, and every submission also needs a fresh CAPTCHA. A POST whose Origin (or
-Referer when Origin is absent) is neither ours nor in RELAY_ALLOWED_ORIGINS gets a 403.
-See docs/security.md.
+Referer when Origin is absent) is neither ours nor one of the form's allowed origins (its
+own `allowed_origins`, or RELAY_ALLOWED_ORIGINS) gets a 403. See docs/security.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 from flask import request
 
-from relay.web.state import state
+from relay.formdefs import FormDef
+from relay.web.state import allowed_origins, state
 
 
 def origin_of(url: str) -> str | None:
@@ -50,19 +51,19 @@ def request_origin() -> str | None:
     return None
 
 
-def origin_allowed() -> bool:
+def origin_allowed(form: FormDef) -> bool:
     """Browsers send Origin on every POST; no Origin and no Referer means a non-browser
     client, which cannot be made to forge a request, unless Sec-Fetch-Site says otherwise."""
     origin = request_origin()
     if origin is None:
         return request.headers.get("Sec-Fetch-Site", "same-origin") in ("same-origin", "none")
-    return origin in state().allowed_origins or origin in own_origins()
+    return origin in allowed_origins(form) or origin in own_origins()
 
 
-def captcha_hostnames() -> set[str]:
-    """Hosts a solved CAPTCHA may come from: the allowed origins and our public host, which
+def captcha_hostnames(form: FormDef) -> set[str]:
+    """Hosts a solved CAPTCHA may come from: the form's allowed origins and our public host, which
     is RELAY_PUBLIC_URL's when set (the Host header is the client's to choose) and the
     request's host otherwise."""
     own = state().public_origin or request.host_url
-    hosts = {urlsplit(o).hostname for o in [*state().allowed_origins, own]}
+    hosts = {urlsplit(o).hostname for o in [*allowed_origins(form), own]}
     return {h.lower() for h in hosts if h}

@@ -1,4 +1,8 @@
-"""Rendering: the language, embed mode, JSON or HTML, the CSP nonce and the pages."""
+"""Rendering: the language, embed mode, JSON or HTML, the CSP nonce and the pages.
+
+Every form renders through one template from its definition: the default form's fields
+take the relay's own translated labels and hints, another form's come from
+RELAY_FORMS_FILE in the page's language."""
 
 from __future__ import annotations
 
@@ -17,9 +21,12 @@ from flask import (
     url_for,
 )
 from flask_babel import gettext
+from flask_babel import lazy_gettext as _l
 
+from relay.formdefs import FieldDef, FormDef
 from relay.web import forms
-from relay.web.state import state
+from relay.web.state import DEFAULT_ENDPOINTS, FORM_ENDPOINTS, current_form, state
+from relay.web.uploads import EXTENSIONS, human_size
 
 STATIC = Path(__file__).parent / "static"
 TRANSLATIONS = Path(__file__).parent / "translations"
@@ -29,6 +36,15 @@ LANGUAGES = ("en", "ja")
 
 
 HCAPTCHA_SCRIPT = "https://js.hcaptcha.com/1/api.js"
+
+# The default form's own words.
+DEFAULT_LABELS = {
+    "name": _l("Your name"),
+    "email": _l("Your email address"),
+    "subject": _l("Subject"),
+    "message": _l("Message"),
+}
+AUTOCOMPLETE = {"name": "name", "email": "email", "tel": "tel", "url": "url"}
 
 
 def _(text: str, **variables: Any) -> str:
@@ -70,8 +86,77 @@ def page_args() -> dict[str, Any]:
     return args
 
 
+def form_url(form: FormDef, **args: Any) -> str:
+    if form.is_default:
+        return url_for("web.form", **args)
+    return url_for("web.custom_form", form_id=form.id, **args)
+
+
+def field_views(form: FormDef, data: Any, errors: Mapping[str, list[str]]) -> list[dict[str, Any]]:
+    """What the template shows of each field, in the page's language."""
+    lang = select_locale()
+    views = []
+    for spec in form.fields:
+        values = [v for v in data.getlist(spec.name) if isinstance(v, str)]
+        views.append(
+            {
+                "name": spec.name,
+                "type": spec.type,
+                "label": label_of(form, spec, lang),
+                "hint": hint_of(form, spec, lang),
+                "required": spec.required,
+                "maxlength": spec.max_length,
+                "value": values[0] if values else "",
+                "picked": values,
+                "choices": spec.choices,
+                "autocomplete": AUTOCOMPLETE.get(spec.name if form.is_default else spec.type),
+                "errors": errors.get(spec.name, []),
+            }
+        )
+    return views
+
+
+def label_of(form: FormDef, spec: FieldDef, lang: str) -> str:
+    if form.is_default:
+        return str(DEFAULT_LABELS[spec.name])
+    return spec.label_in(lang)
+
+
+def hint_of(form: FormDef, spec: FieldDef, lang: str) -> str:
+    if not form.is_default and spec.help:
+        return spec.help_in(lang)
+    if spec.type == "email":
+        return _("We will reply to this address.")
+    if spec.type == "file":
+        limits = form.attachments
+        return _(
+            "Up to %(count)d files, each at most %(size)s, %(total)s in all.",
+            count=limits.max_files,
+            size=human_size(limits.max_file_bytes),
+            total=human_size(limits.max_total_bytes),
+        )
+    if spec.type in ("text", "textarea"):
+        return _("Up to %(max)d characters.", max=spec.max_length)
+    if spec.type == "date":
+        return _("For example 2026-12-31.")
+    return ""
+
+
+def title_of(form: FormDef) -> str:
+    return form.title.get(select_locale()) or next(iter(form.title.values()), _("Contact us"))
+
+
+def accept_attribute(form: FormDef) -> str:
+    """The file picker's filter: the allowed types and their extensions (a hint to the
+    browser; the server decides from the bytes)."""
+    allowed = sorted(form.attachments.allowed)
+    extensions = sorted({f".{e}" for mime in allowed for e in EXTENSIONS.get(mime, ())})
+    return ",".join([*allowed, *extensions])
+
+
 def render_form(
-    form: forms.ContactForm,
+    form: FormDef,
+    parsed: forms.Parsed,
     *,
     errors: Mapping[str, list[str]] | None = None,
     status: int = 200,
@@ -79,24 +164,31 @@ def render_form(
     headers: Mapping[str, str] | None = None,
 ) -> Response:
     errors = dict(errors or {})
-    labels = {name: str(form[name].label.text) for name in forms.FIELDS}
+    fields = field_views(form, parsed.data, errors)
+    labels = {f["name"]: f["label"] for f in fields}
     labels[forms.CAPTCHA] = _("CAPTCHA")
     labels["form"] = _("Form")
+    order = [*(f["name"] for f in fields), forms.CAPTCHA, "form"]
     summary = [
         (name, labels.get(name, name), message)
-        for name in (*forms.FIELDS, forms.CAPTCHA, "form")
+        for name in order
         for message in errors.get(name, [])
     ]
     html = render_template(
         "form.html",
         form=form,
+        fields=fields,
+        first_field=fields[0]["name"],
+        title=title_of(form),
+        all_required=all(f.required for f in form.fields),
+        has_files=bool(form.file_fields),
+        accept=accept_attribute(form),
         errors=errors,
         summary=summary,
         banner=banner,
-        limits=forms.limits(),
         sitekey=state().sitekey,
         hcaptcha_script=f"{HCAPTCHA_SCRIPT}?hl={select_locale()}",
-        action=url_for("web.form", **page_args()),
+        action=form_url(form, **page_args()),
         **page_context(),
     )
     response = make_response(html, status)
@@ -106,15 +198,22 @@ def render_form(
 
 def page_context() -> dict[str, Any]:
     other = "ja" if select_locale() == "en" else "en"
-    endpoint = request.endpoint if request.endpoint in ("web.form", "web.thanks") else "web.form"
+    form = current_form() or state().settings.default_form
+    endpoint = request.endpoint
+    if endpoint in FORM_ENDPOINTS:
+        switch = url_for(endpoint, form_id=form.id, **{**page_args(), "lang": other})
+    else:
+        endpoint = endpoint if endpoint in DEFAULT_ENDPOINTS else "web.form"
+        switch = url_for(endpoint, **{**page_args(), "lang": other})
     return {
         "lang": select_locale(),
         "embed": is_embed(),
         "nonce": csp_nonce(),
-        "site_name": state().settings.site_name,
+        "site_name": form.from_name or state().settings.site_name,
         "other_lang": other,
-        "switch_url": url_for(endpoint, **{**page_args(), "lang": other}),
+        "switch_url": switch,
         "page_args": page_args(),
+        "back_url": form_url(form, **page_args()),
     }
 
 

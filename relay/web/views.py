@@ -1,10 +1,10 @@
-"""The public routes: the form and its submission, the thank-you page, embed.js, /healthz."""
+"""The public routes: every form and its submission (the default one at /form, those of
+RELAY_FORMS_FILE at /f/<id>), the thank-you pages, embed.js, /healthz, /metrics."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 from flask import (
     Blueprint,
@@ -17,8 +17,10 @@ from flask import (
     request,
     url_for,
 )
+from werkzeug.datastructures import MultiDict
 
 from relay.errors import CaptchaError, StoreUnavailable
+from relay.formdefs import FormDef
 from relay.logs import event
 from relay.metrics import authorized, exposition
 from relay.store.metrics import store_collectors
@@ -29,6 +31,7 @@ from relay.web.origins import captcha_hostnames, origin_allowed, origin_of, requ
 from relay.web.pages import (
     STATIC,
     _,
+    form_url,
     is_embed,
     json_errors,
     page_args,
@@ -38,7 +41,7 @@ from relay.web.pages import (
     select_locale,
     wants_json,
 )
-from relay.web.state import state
+from relay.web.state import allowed_origins, current_form, form_limit_allows, state
 
 log = logging.getLogger("relay.web")
 
@@ -82,10 +85,16 @@ def metrics() -> Response:
     return response
 
 
-@bp.get("/thanks")
-def thanks() -> Response:
-    html = render_template("thanks.html", back=url_for("web.form", **page_args()), **page_context())
+def thanks(form_id: str | None = None) -> Response:
+    form = current_form()
+    if form is None:
+        abort(404)
+    html = render_template("thanks.html", back=form_url(form, **page_args()), **page_context())
     return make_response(html, 200)
+
+
+bp.add_url_rule("/thanks", "thanks", thanks, methods=["GET"])
+bp.add_url_rule("/f/<form_id>/thanks", "form_thanks", thanks, methods=["GET"])
 
 
 @bp.get("/embed.js")
@@ -97,11 +106,11 @@ def embed_js() -> Response:
     return response
 
 
-def preflight() -> Response:
-    """CORS preflight for the JSON API: allowed origins only, no credentials."""
+def preflight(form: FormDef) -> Response:
+    """CORS preflight for the JSON API: the form's allowed origins only, no credentials."""
     origin = origin_of(request.headers.get("Origin", "")) or "-"
-    if origin not in state().allowed_origins:
-        event(log, "form.origin_refused", origin=origin, method="OPTIONS")
+    if origin not in allowed_origins(form):
+        event(log, "form.origin_refused", origin=origin, method="OPTIONS", form=form.id)
         return make_response("", 403)
     response = make_response("", 204)
     response.headers["Access-Control-Allow-Methods"] = "POST"
@@ -110,20 +119,30 @@ def preflight() -> Response:
     return response
 
 
-def form() -> Response:
+def form(form_id: str | None = None) -> Response:
+    """GET, POST and OPTIONS of a form: /form (the default) or /f/<id>; an unknown id is
+    the 404 page."""
+    found = current_form()
+    if found is None:
+        abort(404)
     if request.method == "OPTIONS":
-        return preflight()
+        return preflight(found)
     if request.method == "POST":
-        return submit()
-    return render_form(forms.ContactForm(formdata=None))
+        return submit(found)
+    return render_form(found, forms.Parsed(MultiDict()))
 
 
-bp.add_url_rule(
-    "/form", view_func=form, methods=["GET", "POST", "OPTIONS"], provide_automatic_options=False
-)
+for rule, endpoint in (("/form", "form"), ("/f/<form_id>", "custom_form")):
+    bp.add_url_rule(
+        rule,
+        endpoint,
+        view_func=form,
+        methods=["GET", "POST", "OPTIONS"],
+        provide_automatic_options=False,
+    )
 
 
-def refused() -> Response:
+def refused(form: FormDef) -> Response:
     state().metrics.submission("refused", "origin")
     event(
         log,
@@ -131,6 +150,7 @@ def refused() -> Response:
         logging.WARNING,
         origin=request_origin() or "-",
         ip=request.remote_addr,
+        form=form.id,
     )
     text = _("This form cannot be sent from this page.")
     if wants_json():
@@ -138,27 +158,33 @@ def refused() -> Response:
     return render_message_page(_("Not allowed"), text, 403)
 
 
-def submit() -> Response:
-    if not origin_allowed():
-        return refused()
+def submit(form: FormDef) -> Response:
+    if not origin_allowed(form):
+        return refused(form)
+    form_limit_allows(form)  # 429 past the form's own rate_limit
     as_json = wants_json()
-    parsed = read_request()
-    form = forms.ContactForm(formdata=parsed.data)
+    parsed = read_request(form)
     web = state()
     if "form" in parsed.errors:
         web.metrics.submission("refused", "invalid")
-        return invalid(form, parsed.errors, as_json)
+        return invalid(form, parsed, parsed.errors, as_json)
 
     if parsed.data.get(forms.HONEYPOT, "").strip():
         web.metrics.submission("refused", "honeypot")
-        event(log, "form.honeypot", ip=request.remote_addr, origin=request_origin() or "-")
-        return success(new_id(), as_json)
+        event(
+            log,
+            "form.honeypot",
+            ip=request.remote_addr,
+            origin=request_origin() or "-",
+            form=form.id,
+        )
+        return success(form, new_id(), as_json)
 
     def captcha() -> None:
         web.verifier.verify(
             parsed.data.get(forms.CAPTCHA, ""),
             remoteip=request.remote_addr,
-            hostnames=captcha_hostnames(),
+            hostnames=captcha_hostnames(form),
         )
 
     try:
@@ -168,23 +194,25 @@ def submit() -> Response:
             resolver=web.resolver,
             outbox=web.outbox,
             metadata=submission_metadata(),
+            form=form,
             errors=parsed.errors,
+            files=parsed.files,
             captcha=captcha,
         )
     except Refused as exc:
         web.metrics.submission("refused", exc.step)
-        log_refusal(exc)
-        return invalid(form, exc.errors, as_json)
+        log_refusal(exc, form)
+        return invalid(form, parsed, exc.errors, as_json)
     except StoreUnavailable as exc:
         web.metrics.submission("refused", "store_unavailable")
-        event(log, "form.store_unavailable", logging.ERROR, error=str(exc))
+        event(log, "form.store_unavailable", logging.ERROR, error=str(exc), form=form.id)
         text = _("We could not accept your message just now. Please try again in a minute.")
         headers = {"Retry-After": str(STORE_RETRY_AFTER)}
         if as_json:
             response = json_errors({"form": [text]}, 503)
             response.headers.update(headers)
             return response
-        return render_form(form, status=503, banner=text, headers=headers)
+        return render_form(form, parsed, status=503, banner=text, headers=headers)
     if accepted.held_by:
         web.metrics.submission("held", accepted.held_by.partition(":")[0])
     else:
@@ -198,11 +226,13 @@ def submit() -> Response:
         ip=request.remote_addr,
         lang=select_locale(),
         embed=is_embed(),
+        form=form.id,
+        files=sum(len(v) for v in parsed.files.values()) or None,
     )
-    return success(accepted.id, as_json)
+    return success(form, accepted.id, as_json)
 
 
-def log_refusal(exc: Refused) -> None:
+def log_refusal(exc: Refused, form: FormDef) -> None:
     cause = exc.cause
     if isinstance(cause, CaptchaError):
         event(
@@ -211,44 +241,52 @@ def log_refusal(exc: Refused) -> None:
             codes=",".join(cause.codes),
             retryable=cause.retryable,
             ip=request.remote_addr,
+            form=form.id,
         )
     elif exc.step == "unbuildable":
-        event(log, "form.unbuildable", logging.WARNING, error=type(cause).__name__)
+        event(log, "form.unbuildable", logging.WARNING, error=type(cause).__name__, form=form.id)
     else:
-        event(log, "form.invalid", fields=",".join(sorted(exc.errors)), ip=request.remote_addr)
+        event(
+            log,
+            "form.invalid",
+            fields=",".join(sorted(exc.errors)),
+            ip=request.remote_addr,
+            form=form.id,
+        )
 
 
-def read_request() -> forms.Parsed:
-    """The submitted fields, from a JSON or a form body."""
+def read_request(form: FormDef) -> forms.Parsed:
+    """The submitted fields (and files), from a JSON, a form-encoded or a multipart body."""
     if request.is_json:
-        return forms.read_json(json_body())
-    return forms.read_form(request.form)
+        return forms.read_json(request.get_data(cache=True), form)
+    if request.mimetype == "multipart/form-data":
+        return forms.read_multipart(request.form, request.files, form)
+    if request.mimetype == "application/x-www-form-urlencoded":
+        return forms.read_urlencoded(request.get_data(cache=True), form)
+    return forms.Parsed(MultiDict())
 
 
-def json_body() -> Any:
-    """The parsed JSON body, or None when it is not JSON we can read (malformed, invalid
-    UTF-8, or nested so deeply that the parser gives up with RecursionError)."""
-    try:
-        return request.get_json(silent=True)
-    except RecursionError:
-        return None
-
-
-def invalid(form: forms.ContactForm, errors: Mapping[str, list[str]], as_json: bool) -> Response:
+def invalid(
+    form: FormDef, parsed: forms.Parsed, errors: Mapping[str, list[str]], as_json: bool
+) -> Response:
     if as_json:
         return json_errors(errors, 400)
-    return render_form(form, errors=errors, status=422)
+    return render_form(form, parsed, errors=errors, status=422)
 
 
-def success(outbox_id: str, as_json: bool) -> Response:
+def success(form: FormDef, outbox_id: str, as_json: bool) -> Response:
     if as_json:
         accepted = jsonify({"id": outbox_id, "status": "queued"})
         accepted.status_code = 202
         return accepted
-    # RELAY_THANKS_URL is a page of the operator's site; inside an embedding iframe our own
-    # thank-you page stays, since it keeps reporting its height to embed.js.
-    thanks_url = state().settings.thanks_url
-    target = thanks_url if thanks_url and not is_embed() else url_for("web.thanks", **page_args())
+    # The form's thank-you URL is a page of the operator's site; inside an embedding iframe
+    # our own thank-you page stays, since it keeps reporting its height to embed.js.
+    if form.thanks_url and not is_embed():
+        return make_response(redirect(form.thanks_url, 303))
+    if form.is_default:
+        target = url_for("web.thanks", **page_args())
+    else:
+        target = url_for("web.form_thanks", form_id=form.id, **page_args())
     return make_response(redirect(target, 303))
 
 

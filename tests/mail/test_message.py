@@ -627,3 +627,12 @@ def test_a_notice_to_the_operator_is_ours_through_and_through(cfg: Settings) -> 
     assert parsed.get_content().replace("\r\n", "\n") == "Line one\nLine two\n"
     assert (notice.recipient, notice.reply_to) == ("ops@support.test", "")
     check_lines(notice.raw)
+
+
+def test_a_name_the_header_parser_trips_on_is_a_message_error(settings: Settings) -> None:
+    """Python 3.11's email parser raised AttributeError reading back this display name (a
+    500 for the visitor); now it is refused like any other unprovable header."""
+    with pytest.raises(MessageError):
+        build_message(
+            Submission(name="." + "0" * 58, email="0@A.ao", subject="", message=""), settings
+        )

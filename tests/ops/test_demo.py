@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 import re
 import subprocess
@@ -29,6 +31,7 @@ from relay.ops.demo import (
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.mailbox import check_dkim, check_spf
 from tests.conftest import unavailable
+from tests.web.test_forms import PNG
 
 RELAY = Path(sys.executable).with_name("relay")
 
@@ -251,16 +254,34 @@ def test_demo_form_works_offline_in_a_browser(tmp_path: Path) -> None:
             form.locator("#demo-captcha").check()
             form.locator("button[type=submit]").click()
             form.locator("#thanks-title").wait_for()
+            # The second demo form, with a file field, on its own page of the shop.
+            page.goto(box.shop_url + "/report")
+            report = page.frame_locator("iframe")
+            report.locator("#email").fill("grace@customer.demo.test")
+            report.locator("#summary").fill("The basket forgets items")
+            report.locator("#severity-1").check()
+            report.locator("#screenshot").set_input_files(
+                [{"name": "basket.png", "mimeType": "image/png", "buffer": PNG}]
+            )
+            report.locator("#demo-captcha").check()
+            report.locator("button[type=submit]").click()
+            report.locator("#thanks-title").wait_for()
         finally:
             browser.close()
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not box.mailbox.delivered:
+        while time.monotonic() < deadline and len(box.mailbox.delivered) < 2:
             time.sleep(0.1)
-    assert box.mailbox.greylisted == 1
-    [item] = box.mailbox.delivered
-    assert item.subject == "Browser demo"
-    assert item.dkim_pass
-    assert item.spf == "pass"
+    assert box.mailbox.greylisted == 2
+    by_subject = {item.subject: item for item in box.mailbox.delivered}
+    assert sorted(by_subject) == ["Browser demo", "[Bug] The basket forgets items"]
+    for item in by_subject.values():
+        assert item.dkim_pass
+        assert item.spf == "pass"
+    report_mail = by_subject["[Bug] The basket forgets items"]
+    assert report_mail.recipients == ("bugs@support.demo.test",)
+    stored = (tmp_path / "demo" / "Maildir" / "new" / report_mail.key).read_bytes()
+    parts = list(email.message_from_bytes(stored, policy=email.policy.default).iter_parts())
+    assert (parts[1].get_filename(), parts[1].get_content()) == ("basket.png", PNG)
 
 
 def test_form_outside_the_demo_has_no_demo_captcha(make_settings: Callable[..., Settings]) -> None:

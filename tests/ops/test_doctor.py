@@ -748,3 +748,48 @@ def test_cli_with_a_bad_configuration_exits_2(
     result = CliRunner().invoke(main, ["doctor"], env=env)
     assert result.exit_code == 2
     assert "RELAY_HELO_HOSTNAME" in result.output
+
+
+def test_every_forms_support_address_is_checked(
+    cli_env: dict[str, str], world_dns: DNSZoneServer, tmp_path: Path
+) -> None:
+    """RELAY_FORMS_FILE: each form's address gets its own support-mx and support-helpdesk,
+    named by form, the fix naming the form's key."""
+    world_dns.add(
+        "acme.zendesk.com. 300 IN MX 10 mx.acme.zendesk.com.\n"
+        "mx.acme.zendesk.com. 300 IN A 127.0.0.2\n"
+    )
+    forms = tmp_path / "forms.toml"
+    forms.write_text(
+        "".join(
+            f"[forms.{form_id}]\nsupport_address = '{address}'\n[[forms.{form_id}.fields]]\n"
+            "name = 'email'\ntype = 'email'\nrequired = true\nlabel = 'E'\n"
+            for form_id, address in (
+                ("sales", f"sales@{SUPPORT_DOMAIN}"),
+                ("bugs", "bugs@nullmx.test"),
+                ("jobs", "jobs@acme.zendesk.com"),
+            )
+        )
+    )
+    env = {**cli_env, "RELAY_FORMS_FILE": str(forms)}
+    result = CliRunner().invoke(main, ["doctor", "--ip", SENDING_IP, "--json"], env=env)
+    assert result.exit_code == 1, result.output
+    checks = {c["name"]: c for c in map(json.loads, result.output.splitlines())}
+    names = list(checks)
+    assert names[names.index("support-helpdesk") + 1 : names.index("hcaptcha")] == [
+        "support-mx:sales",
+        "support-helpdesk:sales",
+        "support-mx:bugs",
+        "support-helpdesk:bugs",
+        "support-mx:jobs",
+        "support-helpdesk:jobs",
+    ]
+    assert checks["support-mx"]["status"] == checks["support-mx:sales"]["status"] == "PASS"
+    assert checks["support-mx:bugs"]["status"] == "FAIL"
+    assert "bugs@nullmx.test would bounce" in checks["support-mx:bugs"]["summary"]
+    assert "forms.bugs.support_address in RELAY_FORMS_FILE" in checks["support-mx:bugs"]["fix"]
+    assert checks["support-helpdesk:jobs"]["status"] == "WARN"
+    assert (
+        "forms.jobs.support_address in RELAY_FORMS_FILE to"
+        in (checks["support-helpdesk:jobs"]["fix"])
+    )

@@ -335,3 +335,21 @@ def test_unreachable_store_is_reported(env: Env) -> None:
         result = env.invoke(*command)
         assert result.exit_code == 1, command
         assert "outbox store unavailable" in result.output
+
+
+def test_log_of_one_form(env: Env, settings_for: Settings) -> None:
+    store = Outbox(env.url)
+    try:
+        default = store.enqueue(built(settings_for, 1))
+        sales = store.enqueue(built(settings_for, 2), form_id="sales")
+    finally:
+        store.dispose()
+    table = env.invoke("log", "--form", "sales")
+    assert table.exit_code == 0, table.output
+    assert sales in table.output
+    assert default not in table.output
+    lines = env.invoke("log", "--form", "default", "--json").output.splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [default]
+    csv_out = env.invoke("log", "--form", "sales", "--csv").output.splitlines()
+    assert len(csv_out) == 2
+    assert csv_out[1].startswith(sales)

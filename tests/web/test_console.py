@@ -10,6 +10,7 @@ import io
 import logging
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from flask.testing import FlaskClient
 
 from relay.store.outbox import Outbox
 from relay.store.workers import WorkerInfo
+from tests.formfiles import three_forms
 from tests.store.test_outbox import POLICY, built, refused
 from tests.web.conftest import text_of, valid_form
 
@@ -316,3 +318,25 @@ def test_the_queue_panel_lists_the_workers_from_their_heartbeats(
     assert live.group(1).endswith("<td>1</td>")  # the message it holds
     assert '<tr class="worker-stopped"><th scope="row">mail1:3911:41b0de</th>' in html
     assert held.id
+
+
+def test_the_log_filters_by_form(
+    make_app: Callable[..., Flask], outbox: Outbox, web_settings: Any, tmp_path: Path
+) -> None:
+    app = make_app(RELAY_ADMIN_USERS=f"alice:{HASH}", RELAY_FORMS_FILE=str(three_forms(tmp_path)))
+    client = app.test_client()
+    assert sign_in(client).status_code == 303
+    default = outbox.enqueue(built(web_settings, 1))
+    sales = outbox.enqueue(built(web_settings, 2), form_id="sales")
+    page = client.get("/admin/").get_data(as_text=True)
+    assert '<select id="form" name="form">' in page
+    assert '<option value="careers">careers</option>' in page
+    assert "Form: sales" in text_of(page)
+    only = client.get("/admin/?form=sales").get_data(as_text=True)
+    assert re.findall(r'href="/admin/messages/([a-z0-9]+)"', only) == [sales]
+    assert '<option value="sales" selected>' in only
+    assert "form=sales" in only  # the export and the pages keep it
+    rows = list(csv.DictReader(io.StringIO(client.get("/admin/export.csv?form=default").text)))
+    assert [(r["id"], r["form_id"]) for r in rows] == [(default, "default")]
+    unknown = client.get("/admin/?form=nosuch").get_data(as_text=True)
+    assert set(re.findall(r'href="/admin/messages/([a-z0-9]+)"', unknown)) == {default, sales}

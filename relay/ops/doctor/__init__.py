@@ -16,7 +16,8 @@ One room per concern:
 - `sending`: the sending IP check, its PTR and our HELO name.
 - `auth`: SPF, DKIM (our keys against the published ones, a probe signed and verified),
   DMARC and alignment.
-- `support`: the support address's MX, the helpdesk-native warning, the hCaptcha keys.
+- `support`: every support address's MX and the helpdesk-native warning (the default
+  form's and each of RELAY_FORMS_FILE's), the hCaptcha keys.
 - `store`: the outbox store answers and is migrated.
 
 Part of ops, so it may import every layer (config, mail, store); nothing imports it but ops.
@@ -48,6 +49,7 @@ from relay.ops.doctor.support import (
     check_hcaptcha,
     check_support_helpdesk,
     check_support_mx,
+    form_support_checks,
     helpdesk_of,
 )
 from relay.ops.doctor.verdict import Check, Status, worst_status
@@ -104,7 +106,7 @@ async def run_checks(
     async def no_check() -> Check | None:
         return None
 
-    core, (dmarc_check, dmarc_tags), support, store = await asyncio.gather(
+    core, (dmarc_check, dmarc_tags), support, forms, store = await asyncio.gather(
         asyncio.gather(
             check_ptr(settings, resolver, ip),
             check_helo(settings, resolver, ip),
@@ -118,6 +120,7 @@ async def run_checks(
         ),
         check_dmarc(settings, resolver),
         check_support_mx(settings, resolver),
+        form_support_checks(settings, resolver),
         asyncio.to_thread(check_database, settings) if database else no_check(),
     )
     checks = [
@@ -127,6 +130,7 @@ async def run_checks(
         check_alignment(settings, dmarc_tags),
         support,
         check_support_helpdesk(settings),
+        *forms,
         check_hcaptcha(settings),
     ]
     if store is not None:

@@ -1,6 +1,6 @@
-"""Where the mail goes and what guards the form: the support address (its domain accepts
-mail; it is not a helpdesk's native address) and the hCaptcha keys. Receiver checklist rows
-5 and 7."""
+"""Where the mail goes and what guards the form: every support address, the default form's
+and each of RELAY_FORMS_FILE's (its domain accepts mail; it is not a helpdesk's native
+address), and the hCaptcha keys. Receiver checklist rows 5 and 7."""
 
 from __future__ import annotations
 
@@ -45,19 +45,45 @@ def helpdesk_of(domain: str) -> str | None:
 # --- the support address --------------------------------------------------------------------
 
 
-async def check_support_mx(settings: Settings, resolver: Resolver) -> Check:
-    """The support address's domain must accept mail: usable MX (or A), no null MX."""
-    domain = domain_of(settings.support_address)
-    details: dict[str, Any] = {"domain": domain}
+def _where(form_id: str | None) -> tuple[str, str]:
+    """(the check's name suffix, the setting to change) for the default form or one of
+    RELAY_FORMS_FILE's."""
+    if form_id is None:
+        return "", "RELAY_SUPPORT_ADDRESS"
+    return f":{form_id}", f"forms.{form_id}.support_address in RELAY_FORMS_FILE"
+
+
+async def form_support_checks(settings: Settings, resolver: Resolver) -> list[Check]:
+    """support-mx and support-helpdesk for each form of RELAY_FORMS_FILE."""
+    found: list[Check] = []
+    for form in settings.forms.values():
+        found.append(await check_support_mx(settings, resolver, form.support_address, form.id))
+        found.append(check_support_helpdesk(settings, form.support_address, form.id))
+    return found
+
+
+async def check_support_mx(
+    settings: Settings,
+    resolver: Resolver,
+    address: str | None = None,
+    form_id: str | None = None,
+) -> Check:
+    """The support address's domain must accept mail: usable MX (or A), no null MX.
+    `address` and `form_id`: a form's own (default: RELAY_SUPPORT_ADDRESS)."""
+    address = address or settings.support_address
+    suffix, setting = _where(form_id)
+    name = "support-mx" + suffix
+    domain = domain_of(address)
+    details: dict[str, Any] = {"domain": domain, "address": address}
     fix = (
-        f"set RELAY_SUPPORT_ADDRESS to an address that receives mail, or have {domain}'s "
+        f"set {setting} to an address that receives mail, or have {domain}'s "
         "owner publish MX records for it"
     )
     result = await lookup(resolver, domain, "MX")
     if result.temporary:
-        return lookup_failed("support-mx", f"MX of {domain}", result, details)
+        return lookup_failed(name, f"MX of {domain}", result, details)
     if result.nxdomain:
-        return Check("support-mx", "FAIL", f"{domain} does not exist (NXDOMAIN)", fix, details)
+        return Check(name, "FAIL", f"{domain} does not exist (NXDOMAIN)", fix, details)
     mx = sorted(
         (r.preference, r.exchange.to_text(omit_final_dot=True).lower()) for r in result.records
     )
@@ -65,31 +91,33 @@ async def check_support_mx(settings: Settings, resolver: Resolver) -> Check:
     real = [n for _, n in mx if n not in ("", ".")]
     if mx and not real:
         return Check(
-            "support-mx",
+            name,
             "FAIL",
             f"{domain} publishes a null MX (RFC 7505): it accepts no mail, every message to "
-            f"{settings.support_address} would bounce",
+            f"{address} would bounce",
             fix,
             details,
         )
     if not mx:
-        return await _implicit_mx(resolver, domain, fix, details)
-    return await _usable_mx(resolver, domain, len(mx), real, fix=fix, details=details)
+        return await _implicit_mx(resolver, domain, fix, details, name)
+    return await _usable_mx(resolver, domain, len(mx), real, fix=fix, details=details, name=name)
 
 
-async def _implicit_mx(resolver: Resolver, domain: str, fix: str, details: dict[str, Any]) -> Check:
+async def _implicit_mx(
+    resolver: Resolver, domain: str, fix: str, details: dict[str, Any], name: str
+) -> Check:
     """No MX: senders fall back to the domain's own address record (RFC 5321 §5.1)."""
     found, found_lookup = await addresses_of(resolver, domain)
     if found:
         return Check(
-            "support-mx",
+            name,
             "PASS",
             f"{domain} has no MX; mail goes to its address record ({', '.join(found)})",
             "",
             details,
         )
     return Check(
-        "support-mx",
+        name,
         "WARN" if found_lookup.temporary else "FAIL",
         f"{domain} has neither MX nor A/AAAA records",
         fix,
@@ -105,6 +133,7 @@ async def _usable_mx(
     *,
     fix: str,
     details: dict[str, Any],
+    name: str = "support-mx",
 ) -> Check:
     """At least one of the `real` MX hosts (of `published` MX records) must have an address."""
     looked = await asyncio.gather(*(addresses_of(resolver, n) for n in real))
@@ -112,7 +141,7 @@ async def _usable_mx(
     details["usable"] = usable
     if not usable:
         return Check(
-            "support-mx",
+            name,
             "FAIL",
             f"no MX host of {domain} has an address ({', '.join(real)})",
             fix,
@@ -121,33 +150,36 @@ async def _usable_mx(
     findings: list[Finding] = []
     if len(real) < published:
         findings.append(Finding("WARN", f"{domain} mixes a null MX with real ones", fix))
-    return combine(
-        "support-mx", findings, f"{domain} accepts mail: MX {', '.join(usable)}", details
-    )
+    return combine(name, findings, f"{domain} accepts mail: MX {', '.join(usable)}", details)
 
 
-def check_support_helpdesk(settings: Settings) -> Check:
+def check_support_helpdesk(
+    settings: Settings, address: str | None = None, form_id: str | None = None
+) -> Check:
     """Receiver checklist row 7: send to your own address that forwards to the helpdesk."""
-    address = settings.support_address
+    address = address or settings.support_address
+    suffix, setting = _where(form_id)
+    name = "support-helpdesk" + suffix
     product = helpdesk_of(domain_of(address))
     details: dict[str, Any] = {"address": address, "helpdesk": product}
     if product is None:
         return Check(
-            "support-helpdesk",
+            name,
             "PASS",
             f"{address} is not a helpdesk's native address",
             "",
             details,
         )
     return Check(
-        "support-helpdesk",
+        name,
         "WARN",
         f"{address} is {product}'s native address: {product} advises sending to an address "
         "of your own domain that forwards to it (fewer duplicates, no risk of the native "
         "address being suspended)",
         f"create e.g. support@{settings.from_domain} forwarding to {address}, add it to "
-        f"{product} as a support address, and set RELAY_SUPPORT_ADDRESS=support@"
-        f"{settings.from_domain}",
+        f"{product} as a support address, and set "
+        + (f"{setting}=" if form_id is None else f"{setting} to ")
+        + f"support@{settings.from_domain}",
         details,
     )
 

@@ -22,6 +22,7 @@ from flask_wtf.csrf import CSRFError
 from werkzeug.exceptions import HTTPException
 
 from relay.errors import MessageNotFound, StoreError
+from relay.formdefs import DEFAULT_ID
 from relay.logs import event
 from relay.store.browse import Cursor, LogFilter, walk
 from relay.store.schema import STATUSES
@@ -174,11 +175,18 @@ def log_filter() -> LogFilter:
             since = parse_duration(request.args["age"])
         except ValueError:
             since = None
+    form = request.args.get("form") or None
     return LogFilter(
         status=status if status in STATUSES else None,
         since=since,
         text=request.args.get("q", ""),
+        form=form if form in form_ids() else None,
     )
+
+
+def form_ids() -> list[str]:
+    """The forms the log can be filtered by: the default one and RELAY_FORMS_FILE's."""
+    return [DEFAULT_ID, *state().settings.forms]
 
 
 def filter_args(found: LogFilter) -> dict[str, str]:
@@ -186,6 +194,7 @@ def filter_args(found: LogFilter) -> dict[str, str]:
         k: v
         for k, v in (
             ("status", found.status or ""),
+            ("form", found.form or ""),
             ("age", request.args.get("age", "") if found.since else ""),
             ("q", found.query_text),
         )
@@ -210,6 +219,7 @@ def log_page() -> Response:
         filter=found,
         filter_args=filter_args(found),
         statuses=STATUSES,
+        forms=form_ids() if state().settings.forms else [],
         ages=AGES,
         stats=stats,
         now=now,

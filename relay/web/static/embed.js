@@ -1,6 +1,7 @@
 /* formrelay embed: <script src="https://forms.example.com/embed.js" async></script>
- * Optional attributes: data-form (path or URL of the form on the same origin, default /form),
- * data-lang (en or ja), data-title (the iframe's accessible name).
+ * Optional attributes: data-form (a form's id from RELAY_FORMS_FILE, served at /f/<id>, or a
+ * path or URL of a form on the same origin; default /form), data-lang (en or ja), data-title
+ * (the iframe's accessible name).
  * Inserts the form in an iframe right after this script and keeps the iframe as tall as its
  * content, trusting height messages only from the form's own origin and frame. */
 (function () {
@@ -8,7 +9,9 @@
   var script = document.currentScript;
   if (!script || !script.src) { return; }
   var base = new URL(script.src);
-  var url = new URL(script.getAttribute("data-form") || "/form", base);
+  var form = script.getAttribute("data-form") || "/form";
+  if (/^[a-z0-9][a-z0-9_-]{0,39}$/.test(form)) { form = "/f/" + form; }
+  var url = new URL(form, base);
   if (url.origin !== base.origin) {
     if (window.console) { window.console.error("formrelay: data-form must be on " + base.origin); }
     return;
