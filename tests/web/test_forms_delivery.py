@@ -16,7 +16,7 @@ from flask import Flask
 from relay.mail.mx import make_resolver
 from relay.sandbox.dns import DNSZoneServer
 from relay.store.outbox import Outbox
-from relay.worker import Worker
+from relay.worker.delivery import Worker
 from tests.formfiles import SITE_A, SITE_B, three_forms
 from tests.mail.test_signing import world_txt
 from tests.peers.smtp import SMTPPeer
