@@ -20,8 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
 from bench.world import Keys
-from relay.config import Settings
 from relay.mail.signing import Signer
+from relay.settings import Settings
 
 SIGNED_HEADERS = [b"from", b"to", b"reply-to", b"subject", b"date", b"message-id"]
 ROUNDS = 5

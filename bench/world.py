@@ -19,9 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from bench.util import ROOT, python, stop_process
-from relay.config import Settings
 from relay.mail.message import BuiltMessage, Submission, build_message
 from relay.sandbox.world import MX_IP, relay_environment, world_zone
+from relay.settings import Settings
 
 # Where the reference's resolver finds the zone on port 53: a loopback address of its own per
 # run (all of 127.0.0.0/8 is local on Linux), so two runs never collide.

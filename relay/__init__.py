@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from flask import Flask
 
-    from relay.config import Settings
+    from relay.settings import Settings
     from relay.web.captcha import Verifier
 
 

@@ -29,11 +29,11 @@ from typing import Any, Protocol
 
 import httpx
 
-from relay.config import Settings
 from relay.errors import RelayError
 from relay.logs import event
 from relay.mail.message import build_notice
 from relay.metrics import Metrics
+from relay.settings import Settings
 from relay.store.alerts import MESSAGE_FAILED, QUEUE_AGE, AlertRow, DeliveryClaim, NewEvent
 from relay.store.outbox import Outbox
 from relay.store.retry import RetryPolicy, human_age

@@ -21,10 +21,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay.config import Settings, load_settings
+from relay.config import load_settings
 from relay.sandbox.captcha import SiteverifyStub
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import MX_IP, SUPPORT_DOMAIN, relay_environment, world_zone
+from relay.settings import Settings
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 
 STRICT = os.environ.get("RELAY_STRICT_TESTS") == "1"

@@ -21,11 +21,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from relay.alerts import DKIM_MISMATCH, NO_WORKER, Dispatcher, DkimRule, QueueAgeRule
-from relay.config import Settings, load_settings
+from relay.config import load_settings
 from relay.mail.mx import make_resolver
 from relay.ops.cli import main
 from relay.ops.doctor import dkim_checks
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import Settings
 from relay.store.alerts import MESSAGE_FAILED, QUEUE_AGE
 from relay.store.outbox import Outbox
 from relay.worker.delivery import Worker

@@ -8,16 +8,16 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from relay.config import (
+from relay.config import load_settings
+from relay.errors import ConfigError
+from relay.logs import format_event
+from relay.settings import (
     HCAPTCHA_TEST_SECRET,
     HCAPTCHA_TEST_SITEKEY,
     Nameserver,
     documented_variables,
     is_fqdn,
-    load_settings,
 )
-from relay.errors import ConfigError
-from relay.logs import format_event
 
 # The contract of issue 2: these names must exist exactly.
 CONTRACT = """RELAY_SUPPORT_ADDRESS RELAY_FROM_ADDRESS RELAY_FROM_NAME RELAY_ENVELOPE_FROM

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from relay import formdefs
-from relay.config import Settings, documented_variables
+from relay.settings import Settings, documented_variables
 from relay.web import body, forms
 from tests.conftest import unavailable
 

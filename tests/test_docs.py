@@ -14,8 +14,8 @@ import click
 import pytest
 from pydantic_core import PydanticUndefined
 
-from relay.config import Settings, documented_variables, env_var
 from relay.ops.cli import main
+from relay.settings import Settings, documented_variables, env_var
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

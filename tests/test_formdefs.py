@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from relay import formdefs
-from relay.config import Settings
 from relay.errors import ConfigError
 from relay.mail import message
+from relay.settings import Settings
 from tests.formfiles import SITE_A, three_forms
 
 ISSUE_EXAMPLE = """

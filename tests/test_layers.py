@@ -18,6 +18,7 @@ RELAY = ROOT / "relay"
 
 BASE = {
     "relay.config",
+    "relay.settings",
     "relay.errors",
     "relay.logs",
     "relay.metrics",

@@ -12,9 +12,9 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.config import Settings
 from relay.metrics import Metrics
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.store.schema import STATUSES, attempts
 from relay.worker.delivery import Worker

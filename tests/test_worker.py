@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.config import Settings
 from relay.errors import SigningError, StoreUnavailable
 from relay.mail.mx import make_resolver
 from relay.mail.signing import Signer
 from relay.ops.doctor import startup_checks
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import SUPPORT_DOMAIN
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished
 from relay.store.retry import Decision

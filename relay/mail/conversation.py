@@ -42,10 +42,10 @@ from aiosmtplib.errors import (
     SMTPServerDisconnected,
 )
 
-from relay.config import Settings
 from relay.errors import ConnectionFailure, DeliveryError, SMTPReplyError
 from relay.mail.attempt import HostTry
 from relay.mail.sessions import Session, SessionCache, SessionKey, TLSPolicy, hang_up
+from relay.settings import Settings
 
 BeforeDot = Callable[[], Awaitable[None]]
 

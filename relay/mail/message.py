@@ -30,9 +30,9 @@ from types import MappingProxyType
 
 from email_validator import EmailNotValidError, validate_email
 
-from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
 from relay.mail.attachments import Attachment, boundary, multipart_body, verify_parts
+from relay.settings import Settings
 
 # Limits shared with forms.py: a value longer than this is cut, never refused by the builder.
 NAME_MAX = 200

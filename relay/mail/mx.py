@@ -38,9 +38,9 @@ import dns.name
 import dns.nameserver
 import dns.resolver
 
-from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
 from relay.mail import dnswire
+from relay.settings import Settings
 
 Resolver = dns.asyncresolver.Resolver
 

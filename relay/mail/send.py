@@ -10,8 +10,8 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from relay.config import Settings
 from relay.mail.attempt import AttemptResult
+from relay.settings import Settings
 
 if TYPE_CHECKING:
     from relay.mail.conversation import BeforeDot

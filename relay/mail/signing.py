@@ -34,9 +34,10 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa, utils
 
-from relay.config import Settings, normalise_pem
+from relay.config import normalise_pem
 from relay.errors import SigningError
 from relay.logs import event
+from relay.settings import Settings
 
 log = logging.getLogger("relay.signing")
 

@@ -39,7 +39,6 @@ from pathlib import Path
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt, wait_fixed
 
-from relay.config import Settings, domain_of
 from relay.errors import (
     ConnectionFailure,
     DeliveryError,
@@ -60,6 +59,7 @@ from relay.mail.conversation import (
 )
 from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
 from relay.mail.sessions import Session, SessionCache, SessionKey, TLSPolicy
+from relay.settings import Settings, domain_of
 
 log = logging.getLogger("relay.smtp")
 

@@ -44,7 +44,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from relay import logs
 from relay.alerts import Dispatcher, default_rules
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings, load_settings
+from relay.config import load_settings
 from relay.errors import CaptchaError, ConfigError
 from relay.logs import event
 from relay.mail.mx import make_resolver
@@ -53,6 +53,7 @@ from relay.ops.demo_forms import FORM_ID, SUPPORT_LOCAL, report_page, write_form
 from relay.ops.doctor import auth_verdicts, run_checks
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.mailbox import Delivered, SupportMailbox
+from relay.settings import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.store.outbox import Outbox
 from relay.store.views import detail_text, log_table
 from relay.web.app import create_app

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from relay.config import Settings, domain_of
 from relay.errors import DNSError
 from relay.mail.signing import dkim_txt_record, split_txt
+from relay.settings import Settings, domain_of
 
 if TYPE_CHECKING:
     from relay.mail.mx import Resolver

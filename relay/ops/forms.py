@@ -11,9 +11,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from relay.config import Settings, load_settings
+from relay.config import load_settings
 from relay.errors import ConfigError
 from relay.formdefs import FormDef
+from relay.settings import Settings
 
 NO_PUBLIC_URL = "https://forms.example.com"
 

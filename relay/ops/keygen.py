@@ -15,7 +15,7 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay.config import domain_of
+from relay.settings import domain_of
 
 KeyType = Literal["rsa", "ed25519"]
 MIN_RSA_BITS = 2048  # RFC 8301 §3.2: signers MUST use at least 1024; receivers distrust < 2048

@@ -26,9 +26,9 @@ import spf
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from dkim.util import parse_tag_value
 
-from relay.config import domain_of
 from relay.logs import event
 from relay.sandbox.smtpserver import ThreadedSMTPServer
+from relay.settings import domain_of
 
 log = logging.getLogger("relay.sandbox.mailbox")
 

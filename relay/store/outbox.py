@@ -23,9 +23,9 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from relay.config import Settings
 from relay.logs import event as log_event
 from relay.mail.attempt import format_reply, reply_fields
+from relay.settings import Settings
 from relay.store.alerts import AlertStore, add_failure_event
 from relay.store.engine import SQLITE_BUSY_TIMEOUT, replayed, utcnow
 from relay.store.group_commit import GroupCommit

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from tenacity import RetryCallState, Retrying, wait_exponential_jitter
 
-from relay.config import Settings
+from relay.settings import Settings
 from relay.store.schema import Status
 
 

@@ -15,11 +15,11 @@ from typing import Any, Literal
 
 from flask_babel import lazy_gettext as _l
 
-from relay.config import Settings
 from relay.errors import CaptchaError, MessageError
 from relay.formdefs import FormDef, render_subject
 from relay.holdrules import held_by
 from relay.mail.message import BuiltMessage, Submission, build_message
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.web import forms
 from relay.web.captcha import MISSING

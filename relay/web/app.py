@@ -17,10 +17,11 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from relay import logs
-from relay.config import Settings, hcaptcha_keys, load_settings
+from relay.config import hcaptcha_keys, load_settings
 from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.web import console, forms
 from relay.web.body import BodyReader, close_body, limit_for, refuse_unread_body

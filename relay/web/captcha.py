@@ -27,9 +27,10 @@ from typing import Any, Protocol
 
 import httpx
 
-from relay.config import HCAPTCHA_TEST_SECRET, Settings, hcaptcha_keys
+from relay.config import hcaptcha_keys
 from relay.errors import CaptchaError
 from relay.logs import event
+from relay.settings import HCAPTCHA_TEST_SECRET, Settings
 
 log = logging.getLogger("relay.captcha")
 

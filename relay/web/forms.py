@@ -29,13 +29,13 @@ from email_validator import EmailNotValidError, validate_email
 from flask_babel import lazy_gettext as _l
 from werkzeug.datastructures import MultiDict
 
-from relay.config import Settings
 from relay.errors import MessageError
 from relay.formdefs import FieldDef, FormDef
 from relay.logs import event
 from relay.mail import message as message_module
 from relay.mail import mx
 from relay.mail.attachments import Attachment
+from relay.settings import Settings
 from relay.web.captcha import MAX_TOKEN_LENGTH
 from relay.web.uploads import Upload, check_files
 

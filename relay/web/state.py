@@ -16,10 +16,10 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from werkzeug.exceptions import TooManyRequests
 
-from relay.config import Settings
 from relay.formdefs import FormDef
 from relay.logs import event
 from relay.metrics import Metrics
+from relay.settings import Settings
 from relay.web.captcha import Verifier
 
 log = logging.getLogger("relay.web")

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from relay.alerts import Dispatcher
-from relay.config import Settings
 from relay.errors import RelayError, StoreUnavailable
 from relay.logs import event
 from relay.mail import smtp
@@ -40,6 +39,7 @@ from relay.mail.send import DeliverFn, GatedDeliverFn, sign_and_deliver
 from relay.mail.sessions import SessionCache
 from relay.mail.signing import Signer
 from relay.metrics import Metrics, reply_class
+from relay.settings import Settings
 from relay.store.notify import Listener
 from relay.store.outbox import Outbox
 from relay.store.records import Claimed, Finished

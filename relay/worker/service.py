@@ -20,10 +20,10 @@ from datetime import timedelta
 from typing import Any
 
 from relay.alerts import Dispatcher, Rule, default_rules
-from relay.config import Settings
 from relay.logs import event
 from relay.mail.mx import make_resolver
 from relay.metrics import Metrics, MetricsServer, exposition, metrics_app
+from relay.settings import Settings
 from relay.store.metrics import store_collectors
 from relay.store.outbox import Outbox
 from relay.worker.delivery import Worker, default_worker_id

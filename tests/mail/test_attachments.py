@@ -12,11 +12,11 @@ from collections.abc import Callable
 import dkim
 import pytest
 
-from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
 from relay.mail.attachments import Attachment, filename_params, safe_filename, verify_parts
 from relay.mail.message import Submission, build_message, check_lines
 from relay.mail.signing import Signer
+from relay.settings import Settings
 from tests.mail.test_signing import DnsFunc, dnsfunc  # noqa: F401 - the fixture
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from relay.config import Settings
 from relay.errors import HeaderInjectionError, MessageError
 from relay.mail import message as message_module
 from relay.mail.message import (
@@ -36,6 +35,7 @@ from relay.mail.message import (
     sanitize_text,
     verify_message,
 )
+from relay.settings import Settings
 
 NOW = datetime(2026, 11, 28, 12, 30, 5, tzinfo=UTC)
 CVE_2024_6923 = "=?utf-8?q?hi=0D=0ABcc:_x@evil.test?="

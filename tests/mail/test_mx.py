@@ -14,7 +14,6 @@ import dns.name
 import dns.resolver
 import pytest
 
-from relay.config import Settings
 from relay.errors import DNSPermanentError, DNSTemporaryError
 from relay.mail import dnswire, mx
 from relay.mail.mx import (
@@ -28,6 +27,7 @@ from relay.mail.mx import (
     resolve_mx,
 )
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import Settings
 
 
 @pytest.fixture(params=["lean", "plain"])

@@ -21,7 +21,6 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from packaging.version import Version
 
-from relay.config import Settings
 from relay.errors import MessageError, SigningError
 from relay.mail.message import Submission, build_message
 from relay.mail.signing import (
@@ -33,6 +32,7 @@ from relay.mail.signing import (
 )
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import public_key_b64
+from relay.settings import Settings
 
 NOW = datetime(2026, 11, 28, 12, 30, 5, tzinfo=UTC)
 DnsFunc = Callable[..., bytes | None]

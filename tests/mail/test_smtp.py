@@ -18,7 +18,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.config import Settings
 from relay.errors import ConnectionFailure, DNSPermanentError, DNSTemporaryError, SMTPReplyError
 from relay.mail.attempt import AttemptResult
 from relay.mail.conversation import dot_stuff, parse_reply
@@ -26,6 +25,7 @@ from relay.mail.mx import make_resolver
 from relay.mail.smtp import deliver
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import MX2_IP, MX_IP
+from relay.settings import Settings
 from tests.peers.smtp import DROP, HANG, ScriptedHandler, SMTPPeer, SubmissionPeer
 
 SENDER = "form@relay.test"

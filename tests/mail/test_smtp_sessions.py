@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from relay.config import Settings
 from relay.errors import ConnectionFailure, SMTPReplyError
 from relay.mail.attempt import AttemptResult
 from relay.mail.mx import make_resolver
@@ -23,6 +22,7 @@ from relay.mail.sessions import SessionCache
 from relay.mail.smtp import deliver
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import MX2_IP, MX_IP
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.worker.delivery import Worker
 from tests.peers.smtp import DROP, HANG, FaultySMTP, ScriptedHandler, SMTPPeer, SubmissionPeer

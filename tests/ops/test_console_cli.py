@@ -13,8 +13,8 @@ import pytest
 from argon2 import PasswordHasher
 from click.testing import CliRunner, Result
 
-from relay.config import Settings
 from relay.ops.cli import main
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from tests.store.test_outbox import built
 

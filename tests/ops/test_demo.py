@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Settings
 from relay.errors import CaptchaError, ConfigError
 from relay.mail.signing import Signer, dkim_txt_record
 from relay.ops.demo import (
@@ -30,6 +29,7 @@ from relay.ops.demo import (
 )
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.mailbox import check_dkim, check_spf
+from relay.settings import Settings
 from tests.conftest import unavailable
 from tests.web.test_forms import PNG
 

@@ -11,13 +11,13 @@ import pytest
 from click.testing import CliRunner
 from dnslib import QTYPE, RR
 
-from relay.config import Settings
 from relay.mail.mx import make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
 from relay.ops.doctor import run_checks
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 
 SUPPORT_ONLY = (

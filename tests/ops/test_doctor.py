@@ -17,7 +17,6 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.mail.mx import Resolver, make_resolver
 from relay.ops import dnsrecords
 from relay.ops.cli import main
@@ -34,6 +33,7 @@ from relay.ops.doctor.auth import evaluate_spf
 from relay.ops.doctor.lookup import SyncDNS
 from relay.sandbox.dns import DNSZoneServer, ptr_name, txt_record
 from relay.sandbox.world import FROM_DOMAIN, SENDING_IP, SUPPORT_DOMAIN, public_key_b64
+from relay.settings import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.store.outbox import Outbox
 
 ORDER = [

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from relay.config import Settings
 from relay.ops.cli import main
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from tests.peers.smtp import SMTPPeer
 from tests.store.test_outbox import built

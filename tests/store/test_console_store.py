@@ -9,8 +9,8 @@ from datetime import timedelta
 
 import pytest
 
-from relay.config import Settings
 from relay.errors import MessageNotFound
+from relay.settings import Settings
 from relay.store.alerts import MESSAGE_FAILED, NewEvent
 from relay.store.browse import Cursor, LogFilter, walk
 from relay.store.outbox import Outbox

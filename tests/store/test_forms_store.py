@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from relay.config import Settings
+from relay.settings import Settings
 from relay.store.browse import LogFilter, walk
 from relay.store.engine import alembic_config
 from relay.store.outbox import Outbox

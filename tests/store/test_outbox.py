@@ -19,7 +19,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 import relay.store
-from relay.config import Settings
 from relay.errors import (
     ConnectionFailure,
     DeliveryError,
@@ -30,6 +29,7 @@ from relay.errors import (
 )
 from relay.mail.attempt import AttemptResult, HostTry, Outcome, reply_fields
 from relay.mail.message import BuiltMessage, Submission, build_message
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.store.records import Finished
 from relay.store.retry import RetryPolicy, decide, human_age

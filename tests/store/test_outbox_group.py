@@ -21,9 +21,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from relay.config import Settings
 from relay.errors import StoreUnavailable
 from relay.mail.message import BuiltMessage
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.store.schema import messages
 from tests.conftest import POSTGRES_ADMIN_URL

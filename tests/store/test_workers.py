@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy as sa
 from alembic import command
 
-from relay.config import Settings
 from relay.mail.message import BuiltMessage
+from relay.settings import Settings
 from relay.store.engine import alembic_config
 from relay.store.outbox import Outbox, new_id
 from relay.store.schema import messages

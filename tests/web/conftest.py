@@ -13,9 +13,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from relay import create_app
-from relay.config import Settings
 from relay.sandbox.captcha import SiteverifyStub
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 
 PARTNER = "http://partner.test"

@@ -16,8 +16,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from relay import create_app
-from relay.config import Settings
 from relay.sandbox.captcha import SiteverifyStub
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from tests.conftest import unavailable
 from tests.web.conftest import queued

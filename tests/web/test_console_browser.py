@@ -14,8 +14,8 @@ from argon2 import PasswordHasher
 from werkzeug.serving import make_server
 
 from relay import create_app
-from relay.config import Settings
 from relay.ops.demo import WorkerThread
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.worker.delivery import Worker
 from tests.conftest import unavailable

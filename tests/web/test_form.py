@@ -17,11 +17,11 @@ from flask.testing import FlaskClient
 from pydantic import SecretStr
 
 from relay import create_app
-from relay.config import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.errors import CaptchaError, ConfigError
 from relay.mail.mx import make_resolver
 from relay.sandbox.captcha import SiteverifyStub
 from relay.sandbox.dns import DNSZoneServer
+from relay.settings import HCAPTCHA_TEST_SECRET, HCAPTCHA_TEST_SITEKEY, Settings
 from relay.store.outbox import Outbox
 from tests.web.conftest import EVIL, PARTNER, queued, text_of, token, valid_form
 

@@ -15,7 +15,7 @@ import pytest
 from werkzeug.serving import make_server
 
 from relay import create_app
-from relay.config import Settings
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from tests.formfiles import three_forms
 from tests.web.conftest import queued

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from relay.config import Settings
 from relay.errors import ConfigError
 from relay.holdrules import HoldRules, held_by, load
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from tests.web.conftest import queued, valid_form
 

@@ -9,8 +9,9 @@ from typing import Any, NoReturn
 import click
 
 from relay import logs
-from relay.config import Settings, load_settings
+from relay.config import load_settings
 from relay.errors import ConfigError
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.store.views import parse_duration
 

@@ -7,12 +7,12 @@ from typing import Any
 
 import click
 
-from relay.config import Settings
 from relay.ops.cli.common import (
     fail,
     get_settings,
     resolver_for,
 )
+from relay.settings import Settings
 from relay.store.outbox import Outbox
 
 

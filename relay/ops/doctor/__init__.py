@@ -30,7 +30,6 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from relay.config import Settings
 from relay.logs import event
 from relay.mail.mx import Resolver, make_resolver
 from relay.ops.doctor.auth import (
@@ -53,6 +52,7 @@ from relay.ops.doctor.support import (
     helpdesk_of,
 )
 from relay.ops.doctor.verdict import Check, Status, worst_status
+from relay.settings import Settings
 
 __all__ = [
     "Check",

@@ -23,7 +23,6 @@ import dkim.util
 import spf
 from cryptography.hazmat.primitives import serialization
 
-from relay.config import Settings, domain_of
 from relay.mail.mx import Resolver
 from relay.ops import dnsrecords
 from relay.ops.doctor.domains import aligned
@@ -35,6 +34,7 @@ from relay.ops.doctor.lookup import (
     txt_records,
 )
 from relay.ops.doctor.verdict import Check, Finding, combine, lookup_failed
+from relay.settings import Settings, domain_of
 
 # --- SPF ------------------------------------------------------------------------------------
 

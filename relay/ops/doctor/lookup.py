@@ -28,9 +28,9 @@ import dns.exception
 import dns.resolver
 import spf
 
-from relay.config import Settings, domain_of
 from relay.mail.mx import Resolver, resolve_addresses, resolve_mx
 from relay.ops.doctor.domains import organisational_domain
+from relay.settings import Settings, domain_of
 
 
 @dataclass(frozen=True)

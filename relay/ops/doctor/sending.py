@@ -10,13 +10,13 @@ import ipaddress
 import re
 from typing import Any
 
-from relay.config import Settings, domain_of, is_fqdn
 from relay.errors import DNSError
 from relay.mail.mx import Resolver
 from relay.ops import dnsrecords
 from relay.ops.doctor.domains import aligned, organisational_domain
 from relay.ops.doctor.lookup import Lookup, addresses_of, detect_sending_ip, lookup
 from relay.ops.doctor.verdict import Check, Finding, Status, combine, lookup_failed
+from relay.settings import Settings, domain_of, is_fqdn
 
 # Words that mark a reverse name as a provider's generic, per-address name (receiver
 # checklist row 1): residential access, dynamic pools, anonymous customer hosts.

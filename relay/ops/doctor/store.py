@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.config import Settings
 from relay.errors import StoreUnavailable
 from relay.ops.doctor.verdict import Check
+from relay.settings import Settings
 
 
 def check_database(settings: Settings) -> Check:

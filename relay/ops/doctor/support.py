@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from relay.config import Settings, domain_of, hcaptcha_test_keys
+from relay.config import hcaptcha_test_keys
 from relay.mail.mx import Resolver
 from relay.ops.doctor.lookup import addresses_of, lookup
 from relay.ops.doctor.verdict import Check, Finding, Status, combine, lookup_failed
+from relay.settings import Settings, domain_of
 
 # Helpdesks' own inbound domains (receiver checklist row 7: send to an address of your own
 # domain that forwards to the helpdesk, not to the helpdesk's native address). A support

@@ -34,8 +34,8 @@ from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from wtforms.validators import ValidationError
 
-from relay.config import Settings
 from relay.logs import event
+from relay.settings import Settings
 
 log = logging.getLogger("relay.console")
 
