@@ -20,6 +20,7 @@ from relay.ops.cli import main
 from relay.sandbox.dns import DNSZoneServer
 from relay.sandbox.world import MX2_IP
 from relay.store.outbox import Outbox
+from tests.formfiles import three_forms
 from tests.peers.smtp import ScriptedHandler, SMTPPeer
 
 ARGS = [
@@ -159,3 +160,141 @@ def test_send_refuses_an_unusable_visitor_address(env: dict[str, str]) -> None:
     result = CliRunner().invoke(main, [*args, "--now"], env=env)
     assert result.exit_code == 1
     assert "relay send:" in result.output
+
+
+# --- another form of RELAY_FORMS_FILE: --form ID and --field NAME=VALUE ------------------------
+
+
+@pytest.fixture
+def forms_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    return {**env, "RELAY_FORMS_FILE": str(three_forms(tmp_path))}
+
+
+def send(env: dict[str, str], *args: str) -> Result:
+    return CliRunner().invoke(main, ["send", *args], env=env, catch_exceptions=False)
+
+
+def test_send_now_as_another_form_goes_to_its_own_support_address(
+    forms_env: dict[str, str], mx_server: SMTPPeer, world_dns: DNSZoneServer
+) -> None:
+    result = send(
+        forms_env,
+        *("--form", "sales", "--email", "ada@visitor.test", "--subject", "Order 42"),
+        *("--field", "plan=Business", "--now"),
+    )
+    assert result.exit_code == 0, result.output
+    assert "to sales@support.test" in result.output
+    [received] = mx_server.messages
+    assert received.rcpt_tos == ["sales@support.test"]
+    assert dkim.verify(received.data, dnsfunc=dns_txt(world_dns))
+    parsed = BytesParser(policy=policy.default).parsebytes(received.data)
+    assert parsed["Subject"] == "[Sales] Order 42"
+    assert parsed["Reply-To"] == "ada@visitor.test"
+    text = parsed.get_content()
+    assert "Plan" in text
+    assert "Business" in text
+
+
+def test_send_as_another_form_queues_with_its_id(
+    forms_env: dict[str, str], mx_server: SMTPPeer
+) -> None:
+    """Every field by --field (a checkbox group once per choice), the file field left empty;
+    the outbox row carries the form, and `relay log --form` finds it."""
+    result = send(
+        forms_env,
+        *("--form", "bugs", "--email", "ada@visitor.test", "--name", "Ada"),
+        *("--field", "summary=The form hangs", "--field", "severity=high"),
+        *("--field", "areas=web", "--field", "areas=mail", "--field", "agree=yes"),
+        *("--field", "details=Line one\nline two"),
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("queued ")
+    assert "(form bugs, to bugs@support.test)" in result.output
+    outbox_id = result.output.split()[1]
+    store = Outbox.from_settings(load_settings(forms_env, env_file=None))
+    try:
+        row = store.get(outbox_id)
+    finally:
+        store.dispose()
+    assert row.status == "queued"
+    assert row.recipient == "bugs@support.test"
+    assert row.form_id == "bugs"
+    assert row.subject == "[Bug] The form hangs (high)"
+    runner = CliRunner()
+    bugs = runner.invoke(main, ["log", "--form", "bugs"], env=forms_env)
+    assert bugs.exit_code == 0, bugs.output
+    assert outbox_id in bugs.output
+    assert outbox_id not in runner.invoke(main, ["log", "--form", "sales"], env=forms_env).output
+    assert mx_server.handler.connections == 0
+
+
+def test_an_unknown_form_is_a_usage_error_naming_the_forms(forms_env: dict[str, str]) -> None:
+    result = send(forms_env, "--form", "nosuch", "--email", "ada@visitor.test")
+    assert result.exit_code == 2
+    assert "no form 'nosuch'; the forms are: default, sales, bugs, careers" in result.output
+
+
+def test_invalid_values_come_back_field_by_field(
+    forms_env: dict[str, str], mx_server: SMTPPeer
+) -> None:
+    """The web form's own checks and words, one "field: message" per line."""
+    result = send(
+        forms_env,
+        *("--form", "bugs", "--email", "ada@visitor.test", "--field", "summary=Hangs"),
+        *("--field", "severity=urgent", "--field", "phone=call me"),
+        *("--field", "agree=yes", "--field", "details=x"),
+    )
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert "relay send: severity: Please choose one of the options." in lines
+    assert "relay send: phone: Please enter a phone number, like +81 3 1234 5678." in lines
+    one = send(forms_env, "--form", "sales", "--email", "ada@visitor.test", "--subject", "Hi")
+    assert one.exit_code == 0, one.output  # plan is optional
+    bad = send(forms_env, "--form", "sales", "--email", "nobody@", "--subject", "Hi")
+    assert bad.exit_code == 1
+    assert bad.output.splitlines() == [
+        "relay send: email: Please enter a valid email address, like name@example.com."
+    ]
+    assert mx_server.handler.connections == 0
+
+
+def test_a_file_field_cannot_be_set_from_the_command_line(
+    forms_env: dict[str, str], tmp_path: Path
+) -> None:
+    args = ["--form", "bugs", "--email", "ada@visitor.test", "--field", "summary=x"]
+    result = send(forms_env, *args, "--field", "files=shot.png")
+    assert result.exit_code == 2
+    assert "'files' is a file field: relay send cannot attach files" in result.output
+    required = tmp_path / "required.toml"
+    required.write_text(
+        '[forms.cv]\nsupport_address = "jobs@support.test"\n'
+        '[[forms.cv.fields]]\nname = "email"\ntype = "email"\nrequired = true\nlabel = "Email"\n'
+        '[[forms.cv.fields]]\nname = "cv"\ntype = "file"\nrequired = true\nlabel = "CV"\n'
+    )
+    env = {**forms_env, "RELAY_FORMS_FILE": str(required)}
+    needs = send(env, "--form", "cv", "--email", "ada@visitor.test")
+    assert needs.exit_code == 2
+    assert "form 'cv' requires a file in 'cv', which relay send cannot attach" in needs.output
+
+
+def test_only_the_forms_own_fields_once_each(forms_env: dict[str, str]) -> None:
+    careers = send(forms_env, "--form", "careers", "--email", "a@visitor.test", "--subject", "x")
+    assert careers.exit_code == 2
+    assert "form 'careers' has no field 'subject' (its fields: email, message)" in careers.output
+    twice = send(
+        forms_env, "--form", "sales", "--field", "plan=Starter", "--field", "plan=Business"
+    )
+    assert twice.exit_code == 2
+    assert "'plan' is given twice" in twice.output
+    shape = send(forms_env, "--form", "sales", "--field", "plan")
+    assert shape.exit_code == 2
+    assert "'plan' is not NAME=VALUE" in shape.output
+
+
+def test_the_default_form_still_needs_its_four_options(forms_env: dict[str, str]) -> None:
+    missing = send(forms_env, "--email", "ada@visitor.test", "--subject", "s", "--message", "m")
+    assert missing.exit_code == 2
+    assert "Missing option '--name'" in missing.output
+    extra = CliRunner().invoke(main, [*ARGS, "--field", "plan=Starter"], env=forms_env)
+    assert extra.exit_code == 2
+    assert "form 'default' has no field 'plan'" in extra.output
