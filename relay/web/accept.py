@@ -1,5 +1,10 @@
-"""One accept pipeline, for `POST /form` and `relay send`: validate → CAPTCHA (the web's
-only) → build → hold → enqueue.
+"""One accept pipeline, for `POST /form` and `relay send`: validate (no network) → CAPTCHA (the
+web's only) → the address's domain in DNS → build → hold → enqueue.
+
+Cheapest and local first: a post with a bad or missing CAPTCHA (a spam burst) is refused after
+one siteverify call, with no DNS query and no store; and siteverify is asked only about a
+form that is valid as far as can be told without the network, so a typo never spends the
+visitor's token (a domain that does not accept mail does, after the CAPTCHA has passed).
 
 Each step that refuses raises `Refused` with the visitor's errors by field, so the form and
 the command report the same problems in the same words; a store that cannot commit raises
@@ -93,7 +98,6 @@ def _prepare(  # noqa: PLR0917 - the steps' inputs, passed through
     clean, found = forms.validate(
         data,
         settings,
-        resolver,
         form=form,
         errors=errors,
         files=files,
@@ -106,6 +110,9 @@ def _prepare(  # noqa: PLR0917 - the steps' inputs, passed through
             captcha()
         except CaptchaError as exc:
             raise Refused("captcha", {forms.CAPTCHA: [captcha_message(exc)]}, exc) from exc
+    problem = forms.domain_problem(clean.email, resolver)
+    if problem is not None:
+        raise Refused("invalid", {form.email_field: problem})
     try:
         return Prepared(build_message(submission(form, clean, metadata), settings), clean)
     except MessageError as exc:

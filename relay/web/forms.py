@@ -7,9 +7,10 @@ is an error on the field that carried it, never a silent replacement character.
 Validation is strict where the message builder is lenient: a control character is an error
 shown to the visitor, not something silently stripped from their message.
 
-The e-mail domain is checked in DNS (`relay.mx.domain_accepts_mail`): False (NXDOMAIN, null MX,
-no MX and no address) is a field error; None (timeout, SERVFAIL) is not, so a DNS hiccup
-never loses a visitor's message; the worker deals with it at delivery.
+The e-mail domain is checked in DNS (`domain_problem`, last, after the CAPTCHA: a refused post
+costs no query): False (NXDOMAIN, null MX, no MX and no address) is a field error; None
+(timeout, SERVFAIL) is not, so a DNS hiccup never loses a visitor's message; the worker deals
+with it at delivery.
 """
 
 from __future__ import annotations
@@ -213,7 +214,6 @@ CAPTCHA_FAILED = _l("The CAPTCHA check failed or expired. Please complete it aga
 def validate(
     data: MultiDict[str, str] | Mapping[str, str],
     settings: Settings,
-    resolver: Any,
     *,
     form: FormDef | None = None,
     errors: Mapping[str, list[str]] | None = None,
@@ -226,7 +226,9 @@ def validate(
 
     `captcha`: the token is a field too (the web form; `relay send` has none). A missing or
     unreadable token is reported beside the other fields, so the visitor learns everything
-    in one round, and siteverify is only ever asked about a token of an otherwise valid form."""
+    in one round, and siteverify is only ever asked about a token of an otherwise valid form.
+    Nothing here touches the network: the address's domain is `domain_problem`'s, asked
+    after the CAPTCHA."""
     form = form or settings.default_form
     errors = {k: list(v) for k, v in (errors or {}).items()}
     values: dict[str, str] = {}
@@ -246,7 +248,7 @@ def validate(
             errors[CAPTCHA] = [problem]
     email_name = form.email_field
     if email_name in values:
-        email = _check_email(values[email_name], settings, resolver)
+        email = _check_address(values[email_name], settings)
         if isinstance(email, list):
             errors[email_name] = email
         else:
@@ -350,7 +352,8 @@ def check_token(token: str) -> str | None:
     return None
 
 
-def _check_email(value: str, settings: Settings, resolver: Any) -> str | list[str]:
+def _check_address(value: str, settings: Settings) -> str | list[str]:
+    """The address as written (syntax, no network): normalised, or the visitor's message."""
     try:
         result = validate_email(
             value,
@@ -360,14 +363,21 @@ def _check_email(value: str, settings: Settings, resolver: Any) -> str | list[st
         )
     except EmailNotValidError:
         return [str(_l("Please enter a valid email address, like name@example.com."))]
-    domain = result.ascii_domain
+    return str(result.ascii_email or result.normalized)
+
+
+def domain_problem(email: str, resolver: Any) -> list[str] | None:
+    """The DNS half of the address check, asked only after every other check (the CAPTCHA
+    included) has passed, so that a refused post costs no query: the visitor's message when
+    the domain does not accept mail; None when it does or DNS cannot tell just now."""
+    domain = email.rpartition("@")[2]
     accepts = domain_accepts_mail(domain, resolver)
     if accepts is False:
         event(log, "form.email_domain_rejected", domain=domain)
         return [str(_l("The domain of this email address does not accept mail."))]
     if accepts is None:
         event(log, "form.email_domain_unknown", logging.WARNING, domain=domain)
-    return str(result.ascii_email or result.normalized)
+    return None
 
 
 def domain_accepts_mail(domain: str, resolver: Any) -> bool | None:

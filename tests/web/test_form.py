@@ -315,15 +315,20 @@ def test_multiline_message_with_tabs_and_newlines_is_fine(
 def test_field_errors_in_japanese(client: FlaskClient) -> None:
     response = client.post(
         "/form?lang=ja",
-        data=valid_form(name="", email="someone@nullmx.test", message=""),
+        data=valid_form(name="", email="someone@", message=""),
         headers={"Accept-Language": "en"},
     )
     assert response.status_code == 422
     html = response.get_data(as_text=True)
     assert "お名前を入力してください。" in html
-    assert "このメールアドレスのドメインはメールを受信できません。" in html
+    assert "有効なメールアドレスを入力してください" in html
     assert "お問い合わせ内容を入力してください。" in html
     assert "次の項目を修正してください" in html
+
+    # The domain is asked in DNS last (after the CAPTCHA), so its error comes on its own.
+    domain = client.post("/form?lang=ja", data=valid_form(email="someone@nullmx.test"))
+    assert domain.status_code == 422
+    assert "このメールアドレスのドメインはメールを受信できません。" in domain.get_data(as_text=True)
 
     as_json = client.post("/form", json={}, headers={"Accept-Language": "ja"})
     assert as_json.get_json()["errors"]["email"] == ["メールアドレスを入力してください。"]
@@ -749,4 +754,37 @@ def test_an_unexpected_failure_is_a_friendly_500_without_details(
         "errors": {"form": ["Something went wrong on our side. Please try again."]}
     }
     assert "web.error" in caplog.text
+    assert queued(outbox) == []
+
+
+def test_a_refused_captcha_costs_no_dns_query_and_no_store(
+    client: FlaskClient, outbox: Outbox, world_dns: DNSZoneServer, siteverify: SiteverifyStub
+) -> None:
+    """The order of the accept pipeline: local checks, siteverify, then DNS. A bot's post with
+    a bad token (a spam burst) is refused after one siteverify call, without a query."""
+    asked, queries = len(siteverify.requests), world_dns.queried("visitor.test")
+    response = client.post("/form", json=valid_form(**{"h-captcha-response": token("fail")}))
+    assert response.status_code == 400
+    assert "h-captcha-response" in response.get_json()["errors"]
+    assert len(siteverify.requests) == asked + 1
+    assert world_dns.queried("visitor.test") == queries
+    assert queued(outbox) == []
+
+
+def test_the_domain_is_asked_only_after_the_captcha_passed(
+    client: FlaskClient, outbox: Outbox, world_dns: DNSZoneServer, siteverify: SiteverifyStub
+) -> None:
+    asked, queries = len(siteverify.requests), world_dns.queried("nullmx.test", "MX")
+    # A typo in a field: neither siteverify nor DNS is asked.
+    response = client.post("/form", json=valid_form(email="someone@nullmx.test", name=""))
+    assert response.status_code == 400
+    assert list(response.get_json()["errors"]) == ["name"]
+    assert len(siteverify.requests) == asked
+    assert world_dns.queried("nullmx.test", "MX") == queries
+    # Valid otherwise: the CAPTCHA passes, then the domain is refused.
+    response = client.post("/form", json=valid_form(email="someone@nullmx.test"))
+    assert response.status_code == 400
+    assert list(response.get_json()["errors"]) == ["email"]
+    assert len(siteverify.requests) == asked + 1
+    assert world_dns.queried("nullmx.test", "MX") == queries + 1
     assert queued(outbox) == []
