@@ -1,4 +1,4 @@
-"""Server-side hCaptcha verification: a small client on httpx that fails closed.
+"""Server-side hCaptcha verification: a small client on urllib3 that fails closed.
 
 We do not use the PyPI package `hcaptcha` (its documented usage treats a failed verification
 dict as truthy, it has no timeout and it logs the secret); see docs/security.md.
@@ -16,16 +16,24 @@ Anything else raises `CaptchaError(codes, retryable=...)`. `retryable=True` mean
 ask (timeout, HTTP error, garbage): the visitor is told to try again, never let through.
 
 The `Verifier` protocol is the seam for demo mode, which plugs in an offline verifier.
+
+Why urllib3 and not httpx (which the alert webhook uses, async): one siteverify POST on a
+kept-alive connection cost 600-700 µs of CPU through httpx and ~400 µs through urllib3's pool,
+on a path every submission and every refused bot post takes (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import urllib.parse
+import urllib.request
 from collections.abc import Collection
 from typing import Any, Protocol
 
-import httpx
+import urllib3
+import urllib3.exceptions
 
 from relay.config import hcaptcha_keys
 from relay.errors import CaptchaError
@@ -45,6 +53,8 @@ HOSTNAME_MISMATCH = "hostname-mismatch"
 SITEKEY_MISMATCH = "sitekey-mismatch"
 
 MAX_TOKEN_LENGTH = 65536
+# siteverify answers a few hundred bytes; a reply past this is not one.
+MAX_REPLY_BYTES = 65536
 # The published test keys answer for this host name instead of the page's.
 TEST_KEY_HOSTNAME = "dummy-key-pass"
 
@@ -58,39 +68,28 @@ class Verifier(Protocol):
 class HCaptchaVerifier:
     """Asks hCaptcha's siteverify endpoint about one token (one short POST per submission)."""
 
-    def __init__(
-        self,
-        *,
-        secret: str,
-        sitekey: str,
-        verify_url: str,
-        timeout: float,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, *, secret: str, sitekey: str, verify_url: str, timeout: float) -> None:
         self._secret = secret
         self.sitekey = sitekey
         self.verify_url = verify_url
         self.timeout = timeout
-        self._transport = transport
-        self._client: httpx.Client | None = None
-        self._client_lock = threading.Lock()
+        self._pool: urllib3.PoolManager | None = None
+        self._pool_lock = threading.Lock()
 
-    def _http(self) -> httpx.Client:
-        """One pooled client per verifier (httpx clients may be shared between threads),
-        made at first use so that it is never inherited across gunicorn's fork. Building a
-        client per call cost ~24 ms of CPU for its TLS context and a new connection."""
-        if self._client is None:
-            with self._client_lock:
-                if self._client is None:
-                    self._client = httpx.Client(
-                        timeout=self.timeout, transport=self._transport, follow_redirects=False
-                    )
-        return self._client
+    def _http(self) -> urllib3.PoolManager:
+        """One connection pool per verifier (shared by the request threads), made at first use
+        so that it is never inherited across gunicorn's fork. A client per call cost ~24 ms of
+        CPU for its TLS context and a new connection."""
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = connection_pool(self.verify_url, self.timeout)
+        return self._pool
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._pool is not None:
+            self._pool.clear()
+            self._pool = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HCaptchaVerifier:
@@ -110,15 +109,30 @@ class HCaptchaVerifier:
             raise CaptchaError([MISSING])
         if len(token) > MAX_TOKEN_LENGTH or not (token.isascii() and token.isprintable()):
             # hCaptcha's tokens are printable ASCII; anything else (a lone surrogate made
-            # httpx's form encoding raise) cannot be one, so it is not sent.
+            # the form encoding raise) cannot be one, so it is not sent.
             raise CaptchaError(["invalid-input-response"])
         data = {"secret": self._secret, "response": token, "sitekey": self.sitekey}
         if remoteip:
             data["remoteip"] = remoteip
         try:
-            reply = self._http().post(self.verify_url, data=data)
-        except httpx.HTTPError as exc:
-            timeout = isinstance(exc, httpx.TimeoutException)
+            reply = self._http().request(
+                "POST",
+                self.verify_url,
+                body=urllib.parse.urlencode(data),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                redirect=False,
+                retries=False,
+                preload_content=False,
+            )
+            raw = b""
+            try:
+                raw = reply.read(MAX_REPLY_BYTES + 1)
+            finally:
+                if len(raw) > MAX_REPLY_BYTES:
+                    reply.close()  # the rest is never read: the connection is not reused
+                reply.release_conn()
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            timeout = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
             event(
                 log,
                 "captcha.unavailable",
@@ -127,12 +141,12 @@ class HCaptchaVerifier:
                 error=type(exc).__name__,
             )
             raise CaptchaError([TIMEOUT if timeout else UNREACHABLE], retryable=True) from exc
-        if reply.status_code != 200:
-            event(log, "captcha.unavailable", logging.WARNING, status=reply.status_code)
+        if reply.status != 200:
+            event(log, "captcha.unavailable", logging.WARNING, status=reply.status)
             raise CaptchaError([HTTP_ERROR], retryable=True)
         try:
-            body: Any = reply.json()
-        except ValueError as exc:
+            body: Any = json.loads(raw) if len(raw) <= MAX_REPLY_BYTES else None
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
             event(log, "captcha.unavailable", logging.WARNING, reason="not-json")
             raise CaptchaError([BAD_RESPONSE], retryable=True) from exc
         check_verdict(
@@ -142,6 +156,23 @@ class HCaptchaVerifier:
     @property
     def uses_test_keys(self) -> bool:
         return self._secret == HCAPTCHA_TEST_SECRET
+
+
+def connection_pool(url: str, timeout: float) -> urllib3.PoolManager:
+    """A pool for `url`'s host: certificates verified (urllib3's default for https), connect
+    and read bounded together by `timeout`, no retries and no redirects (fail closed); through
+    the proxy that HTTPS_PROXY / HTTP_PROXY name, unless NO_PROXY exempts the host, as httpx
+    did."""
+    parts = urllib.parse.urlsplit(url)
+    options: dict[str, Any] = {
+        "timeout": urllib3.Timeout(total=timeout),
+        "retries": False,
+        "maxsize": 16,  # gunicorn's request threads (deploy/gunicorn.conf.py)
+    }
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        return urllib3.ProxyManager(proxy, **options)
+    return urllib3.PoolManager(**options)
 
 
 def check_verdict(
