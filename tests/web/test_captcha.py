@@ -3,7 +3,11 @@ host name and sitekey passes; anything else fails closed."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -86,6 +90,70 @@ def test_unreachable_siteverify_fails_closed() -> None:
     with pytest.raises(CaptchaError) as info:
         dead.verify(token("pass"), remoteip=None, hostnames=HOSTS)
     assert info.value.retryable is True
+
+
+class _Endpoint(BaseHTTPRequestHandler):
+    """Answers every POST with the server's `reply` bytes and counts the connections."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        body: bytes = self.server.reply  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def endpoint() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    server.connections = 0  # type: ignore[attr-defined]
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _verifier_for(server: ThreadingHTTPServer) -> HCaptchaVerifier:
+    host, port = server.server_address[:2]
+    url = f"http://{host!s}:{port}/siteverify"
+    return HCaptchaVerifier(secret=TEST_SECRET, sitekey=SITEKEY, verify_url=url, timeout=2)
+
+
+def test_one_kept_alive_connection_serves_every_check(endpoint: ThreadingHTTPServer) -> None:
+    endpoint.reply = json.dumps(  # type: ignore[attr-defined]
+        {"success": True, "hostname": "localhost"}
+    ).encode()
+    verifier = _verifier_for(endpoint)
+    for _ in range(5):
+        verifier.verify(token("pass"), remoteip="192.0.2.1", hostnames=HOSTS)
+    assert endpoint.connections == 1  # type: ignore[attr-defined]
+    verifier.close()
+
+
+def test_an_oversized_reply_fails_closed(endpoint: ThreadingHTTPServer) -> None:
+    """A reply far past any siteverify answer is not read on, not parsed, not trusted."""
+    padding = "x" * 200_000
+    endpoint.reply = json.dumps(  # type: ignore[attr-defined]
+        {"success": True, "hostname": "localhost", "padding": padding}
+    ).encode()
+    verifier = _verifier_for(endpoint)
+    with pytest.raises(CaptchaError) as info:
+        verifier.verify(token("pass"), remoteip=None, hostnames=HOSTS)
+    assert info.value.retryable is True
+    verifier.close()
 
 
 def test_hostname_must_be_allowed(verifier: HCaptchaVerifier) -> None:
