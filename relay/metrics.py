@@ -51,8 +51,8 @@ class Metrics:
         r = self.registry
         self.submissions = Counter(
             "formrelay_submissions",
-            "Form submissions by result (accepted, held, refused) and reason",
-            ["result", "reason"],
+            "Form submissions by result (accepted, held, refused), reason and form id",
+            ["result", "reason", "form"],
             registry=r,
         )
         self.attempts = Counter(
@@ -83,8 +83,10 @@ class Metrics:
             registry=r,
         )
 
-    def submission(self, result: str, reason: str) -> None:
-        self.submissions.labels(result, reason).inc()
+    def submission(self, result: str, reason: str, form: str) -> None:
+        """One submission to `form` (an id: "default" or one of RELAY_FORMS_FILE's; unknown
+        ids are the 404 page and never counted, so the configured forms bound the series)."""
+        self.submissions.labels(result, reason, form).inc()
 
     def heartbeat(self) -> None:
         self.heartbeats.inc()

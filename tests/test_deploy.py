@@ -144,7 +144,7 @@ def test_prometheus_config_and_rules_name_real_metrics() -> None:
     from relay.store.metrics import _families, _worker_families
 
     metrics = Metrics()
-    metrics.submission("accepted", "ok")
+    metrics.submission("accepted", "ok", "default")
     metrics.attempts.labels("delivered", "2xx").inc()
     metrics.latency.observe(1)
     metrics.heartbeat()

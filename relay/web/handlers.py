@@ -67,7 +67,8 @@ def handle_http_error(exc: HTTPException) -> Response:
         headers["Retry-After"] = str(retry_after_seconds(exc))
         event(log, "form.rate_limited", ip=request.remote_addr, limit=exc.description)
     if code in (413, 429) and posted is not None:
-        state().metrics.submission("refused", "rate_limited" if code == 429 else "too_large")
+        reason = "rate_limited" if code == 429 else "too_large"
+        state().metrics.submission("refused", reason, posted.id)
     if wants_json():
         response = json_errors({"form": [text]}, code)
     elif code == 429 and posted is not None:

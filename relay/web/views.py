@@ -143,7 +143,7 @@ for rule, endpoint in (("/form", "form"), ("/f/<form_id>", "custom_form")):
 
 
 def refused(form: FormDef) -> Response:
-    state().metrics.submission("refused", "origin")
+    state().metrics.submission("refused", "origin", form.id)
     event(
         log,
         "form.origin_refused",
@@ -166,11 +166,11 @@ def submit(form: FormDef) -> Response:
     parsed = read_request(form)
     web = state()
     if "form" in parsed.errors:
-        web.metrics.submission("refused", "invalid")
+        web.metrics.submission("refused", "invalid", form.id)
         return invalid(form, parsed, parsed.errors, as_json)
 
     if parsed.data.get(forms.HONEYPOT, "").strip():
-        web.metrics.submission("refused", "honeypot")
+        web.metrics.submission("refused", "honeypot", form.id)
         event(
             log,
             "form.honeypot",
@@ -200,11 +200,11 @@ def submit(form: FormDef) -> Response:
             captcha=captcha,
         )
     except Refused as exc:
-        web.metrics.submission("refused", exc.step)
+        web.metrics.submission("refused", exc.step, form.id)
         log_refusal(exc, form)
         return invalid(form, parsed, exc.errors, as_json)
     except StoreUnavailable as exc:
-        web.metrics.submission("refused", "store_unavailable")
+        web.metrics.submission("refused", "store_unavailable", form.id)
         event(log, "form.store_unavailable", logging.ERROR, error=str(exc), form=form.id)
         text = _("We could not accept your message just now. Please try again in a minute.")
         headers = {"Retry-After": str(STORE_RETRY_AFTER)}
@@ -214,9 +214,9 @@ def submit(form: FormDef) -> Response:
             return response
         return render_form(form, parsed, status=503, banner=text, headers=headers)
     if accepted.held_by:
-        web.metrics.submission("held", accepted.held_by.partition(":")[0])
+        web.metrics.submission("held", accepted.held_by.partition(":")[0], form.id)
     else:
-        web.metrics.submission("accepted", "ok")
+        web.metrics.submission("accepted", "ok", form.id)
     event(
         log,
         "form.held" if accepted.held_by else "form.accepted",

@@ -167,8 +167,8 @@ def test_two_workers_accept_into_one_postgres_outbox(
             for family in text_string_to_metric_families(scraped.text)
             for s in family.samples
         }
-        accepted = (("reason", "ok"), ("result", "accepted"))
-        limited = (("reason", "rate_limited"), ("result", "refused"))
+        accepted = (("form", "default"), ("reason", "ok"), ("result", "accepted"))
+        limited = (("form", "default"), ("reason", "rate_limited"), ("result", "refused"))
         assert found[("formrelay_submissions_total", accepted)] == SUBMISSIONS
         assert found[("formrelay_submissions_total", limited)] == 1
         assert found[("formrelay_queue_messages", (("status", "queued"),))] == SUBMISSIONS
