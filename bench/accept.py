@@ -2,8 +2,9 @@
 
 The server is gunicorn with deploy/gunicorn.conf.py (gthread workers), the load generator is
 `wrk` (C, a separate process, bounded by time) driving bench/wrk_post.lua, which POSTs a
-unique form per request. Targets: the relay with the SQLite store, the relay with a fresh
-PostgreSQL database, and bench/bare_app.py (a Flask endpoint that does nothing).
+unique form per request. The targets (bench/targets.py): bench/bare_app.py (a Flask endpoint
+that does nothing), and per store bench/essential_app.py (only the necessary I/O) and the
+relay, with SQLite or a fresh PostgreSQL database.
 Every submission carries a fresh "pass-..." token for the siteverify stand-in, and the
 visitor's domain is checked against the bench DNS server, so the whole accept path runs.
 """
@@ -18,7 +19,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,11 @@ def body_template(run: str) -> str:
 
 
 @contextmanager
-def gunicorn(app: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, Any]]:
-    """gunicorn serving `app`; yields (base URL, master process)."""
+def gunicorn(
+    app: str, env: dict[str, str], log: Path, extra: list[str] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """gunicorn serving `app` (`extra` arguments override the conf file); yields (base URL,
+    master process)."""
     port = free_port()
     env = {**env, "FORMRELAY_BIND": f"127.0.0.1:{port}", "FORMRELAY_GUNICORN_LOGLEVEL": "warning"}
     argv = [venv_tool("gunicorn")]
@@ -73,44 +77,54 @@ def gunicorn(app: str, env: dict[str, str], log: Path) -> Iterator[tuple[str, An
             "--worker-class",
             "gthread",
         ]
-    argv += ["--access-logfile", str(log.with_suffix(".access")), app]
+    argv += [*(extra or []), "--access-logfile", str(log.with_suffix(".access")), app]
     with running(argv, env=env, log=log, cwd=ROOT) as proc:
         if not wait_until(lambda: port_open("127.0.0.1", port), 30):
             raise RuntimeError(f"gunicorn {app} did not listen; see {log}")
         yield f"http://127.0.0.1:{port}", proc
 
 
-def wrk(url: str, *, clients: int, seconds: float, body: str, headers: str = "") -> dict[str, Any]:
+def wrk_command(
+    url: str,
+    *,
+    clients: int,
+    seconds: float,
+    body: str,
+    headers: str = "",
+    threads: int | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of one wrk run of bench/wrk_post.lua."""
     assert WRK is not None
-    threads = min(2, clients)
+    threads = threads or min(2, clients)
     env = {
         **os.environ,
         "BENCH_BODY": body,
         "BENCH_PATH": urllib.parse.urlsplit(url).path,
         "BENCH_HEADERS": headers,
+        "BENCH_THREADS": str(threads),
+        **(extra_env or {}),
     }
-    out = subprocess.run(
-        [
-            WRK,
-            "-t",
-            str(threads),
-            "-c",
-            str(clients),
-            "-d",
-            f"{max(1, round(seconds))}s",
-            "--timeout",
-            "10s",
-            "-s",
-            str(LUA),
-            url,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=seconds + 60,
-        check=False,
-    )
-    for line in out.stdout.splitlines():
+    argv = [
+        WRK,
+        "-t",
+        str(threads),
+        "-c",
+        str(clients),
+        "-d",
+        f"{max(1, round(seconds))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA),
+        url,
+    ]
+    return argv, env
+
+
+def wrk_result(stdout: str, stderr: str, clients: int) -> dict[str, Any]:
+    """The figures of wrk_post.lua's BENCHJSON line."""
+    for line in stdout.splitlines():
         if line.startswith("BENCHJSON "):
             data = json.loads(line[len("BENCHJSON ") :])
             seconds_run = data["duration_us"] / 1e6
@@ -123,7 +137,15 @@ def wrk(url: str, *, clients: int, seconds: float, body: str, headers: str = "")
                 "statuses": data["statuses"],
                 "errors": {k: v for k, v in data["errors"].items() if v},
             }
-    raise RuntimeError(f"wrk printed no result: {out.stdout}{out.stderr}")
+    raise RuntimeError(f"wrk printed no result: {stdout}{stderr}")
+
+
+def wrk(url: str, *, clients: int, seconds: float, body: str, headers: str = "") -> dict[str, Any]:
+    argv, env = wrk_command(url, clients=clients, seconds=seconds, body=body, headers=headers)
+    out = subprocess.run(
+        argv, env=env, capture_output=True, text=True, timeout=seconds + 60, check=False
+    )
+    return wrk_result(out.stdout, out.stderr, clients)
 
 
 def warm_up(url: str, body: str, headers: str, limit: float = 30.0) -> int:
@@ -155,6 +177,11 @@ class Sampler:
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
             self.peak.sample(children(self.master_pid))
+
+    def workers_seen(self) -> set[int]:
+        """Every worker pid seen so far, the live ones included."""
+        self.peak.sample(children(self.master_pid))
+        return set(self.peak.peak_kb)
 
     def __enter__(self) -> Sampler:
         self._thread.start()
@@ -189,25 +216,29 @@ def measure(
     headers: str = "",
     profile_to: Path | None = None,
     warm_up_limit: float = 30.0,
+    after: Callable[[str, int, dict[str, Any]], dict[str, Any]] | None = None,
+    gunicorn_args: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then one wrk run per concurrency; plus the workers' peak RSS."""
+    """Warm up, then one wrk run per concurrency; plus the workers' peak RSS. `after(base
+    URL, master pid, results so far)` runs next on the same warm server (the spam burst);
+    its dict goes to results["burst"].
+
+    With `profile_to`, py-spy samples the master and its workers (--subprocesses) during the
+    runs: gunicorn recycles a worker after max_requests (2,000 + jitter), so a py-spy attached
+    to the worker of the moment lost every later one (and with it the whole profile, when the
+    recycling came right after the warm-up)."""
     body = body_template(run)
     results: dict[str, Any] = {"runs": []}
-    with gunicorn(app, env, log) as (base, proc), Sampler(proc.pid) as sampler:
+    with gunicorn(app, env, log, gunicorn_args) as (base, proc), Sampler(proc.pid) as sampler:
         results["warm_up_rounds"] = warm_up(
             base + path, body.replace("{i}", "9{i}"), headers, limit=warm_up_limit
         )
         spies = contextlib.ExitStack()
         if profile_to is not None:
-            span = len(concurrencies) * (seconds + 0.6)
-            for pid in children(proc.pid):
-                spies.enter_context(
-                    profile.record(
-                        pid, profile_to.with_suffix(f".{pid}.txt"), seconds=span, rate=100
-                    )
-                )
+            spies.enter_context(profile.record(proc.pid, profile_to, subprocesses=True, rate=100))
         for number, clients in enumerate(concurrencies, start=1):
             time.sleep(0.5)
+            seen = sampler.workers_seen()
             cpu = server_cpu_seconds(proc.pid)
             run = wrk(
                 base + path,
@@ -220,7 +251,13 @@ def measure(
             run["server_cpu_ms_per_request"] = round(
                 (server_cpu_seconds(proc.pid) - cpu) / max(1, run["requests"]) * 1000, 3
             )
+            # A worker recycled after max_requests (as deployed) charges its successor's boot
+            # (imports, app, store: ~0.5-1 s of CPU) to the run it happened in.
+            run["worker_restarts"] = len(sampler.workers_seen() - seen)
             results["runs"].append(run)
         spies.close()
+        if after is not None:
+            time.sleep(0.5)
+            results["burst"] = after(base, proc.pid, results)
     results["worker_peak_rss_mb"] = sampler.peak.max_mb
     return results

@@ -18,15 +18,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import dkim
-import psycopg
 
-from bench import accept, pipeline, postfix, profile, report, sign, world
+from bench import pipeline, postfix, profile, report, sign, targets, world
+from bench.stores import database
 from bench.util import ROOT
 from relay.config import load_settings
 from relay.sandbox.world import FROM_DOMAIN, public_key_b64
@@ -34,9 +34,6 @@ from relay.store.outbox import Outbox
 
 SECTIONS = ("sign", "accept", "e2e", "drain")
 WORK_PARENT = Path("/var/lib/formrelay-bench")
-POSTGRES_ADMIN_URL = os.environ.get(
-    "RELAY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", default="1,8,32", help="accept clients (1,8,32)")
     parser.add_argument(
+        "--burst",
+        type=int,
+        default=2000,
+        help="bad-CAPTCHA posts per target in accept's spam burst, at 64 clients beside 4 "
+        "real ones (2000; 0: no burst)",
+    )
+    parser.add_argument(
         "--worker-concurrency", type=int, help="RELAY_WORKER_CONCURRENCY for e2e/drain (10)"
     )
     parser.add_argument(
@@ -63,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=1,
         help="relay worker processes for e2e/drain, on the same store (1)",
+    )
+    parser.add_argument(
+        "--no-recycle",
+        action="store_true",
+        help="accept: gunicorn --max-requests 0 for every target (no worker recycled after "
+        "2,000 requests mid-run: steadier figures, but not as deployed)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")
@@ -90,32 +100,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for one run, dropped afterwards."""
-    admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=3)
-    name = "relay_bench_" + uuid.uuid4().hex[:10]
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace(
-            "postgresql://", "postgresql+psycopg://"
-        )
-        try:
-            yield f"{base}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextlib.contextmanager
-def database(store: str, folder: Path) -> Iterator[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    if store == "sqlite":
-        yield f"sqlite:///{folder / 'relay.sqlite3'}"
-    else:
-        with postgres_database() as url:
-            yield url
 
 
 def dkim_verifier(keys: world.Keys) -> Callable[[bytes], bool]:
@@ -221,8 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
 
             if "accept" in args.sections:
-                results["accept"] = accept_section(
-                    args, work, env_for, run_id, profiles, peers.proc.pid
+                results["accept"] = targets.accept_section(
+                    args, work, env_for, run_id, profiles, peers.proc.pid, log
                 )
 
             if "e2e" in args.sections or "drain" in args.sections:
@@ -308,63 +292,6 @@ def delivery_section(
     return rows
 
 
-def accept_section(
-    args: argparse.Namespace,
-    work: Path,
-    env_for: Callable[..., dict[str, str]],
-    run_id: str,
-    profiles: dict[str, Any],
-    peers_pid: int,
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    problem = accept.available()
-    targets = ["bare", *args.store_list]
-    for target in targets:
-        if problem:
-            out[target] = {"error": problem}
-            continue
-        log(f"accept: {target}, clients {args.clients}, {args.seconds:g} s each")
-        folder = work / f"accept-{target}"
-        try:
-            with database("sqlite" if target == "bare" else target, folder) as url:
-                env = env_for(url, folder)
-                if target != "bare":
-                    store = Outbox(url)
-                    store.upgrade()
-                app = "bench.bare_app:app" if target == "bare" else "relay:create_app()"
-                peers_cpu = pipeline.cpu_seconds(peers_pid)
-                out[target] = accept.measure(
-                    app,
-                    env,
-                    folder / "gunicorn.log",
-                    path="/form",
-                    concurrencies=args.clients,
-                    seconds=args.seconds,
-                    run=f"{run_id}{target}",
-                    headers="Origin:http://localhost",
-                    profile_to=folder / "profile" if args.profile and target != "bare" else None,
-                    warm_up_limit=10.0 if args.quick else 30.0,
-                )
-                if args.profile and target != "bare":
-                    profiles[f"gunicorn {target}"] = profile.summarise(
-                        sorted(folder.glob("profile.*.txt"))
-                    )
-                if target != "bare":
-                    counts = store.counts()
-                    out[target]["outbox"] = counts
-                    # The Python stand-ins share the 2 cores with the server under test.
-                    out[target]["peers_cpu_ms_per_accepted"] = round(
-                        (pipeline.cpu_seconds(peers_pid) - peers_cpu)
-                        / max(1, sum(counts.values()))
-                        * 1000,
-                        2,
-                    )
-                    store.dispose()
-        except Exception as exc:
-            out[target] = {"error": f"{type(exc).__name__}: {exc}"}
-    return out
-
-
 def memory(results: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for target, section in (results.get("accept") or {}).items():
@@ -392,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
         "n": args.messages,
         "worker_processes": args.worker_processes,
         "accept_seconds": args.seconds,
+        "accept_no_recycle": args.no_recycle,
+        "burst_posts": args.burst,
         "cpus": os.cpu_count(),
         "loadavg_before": load_before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],

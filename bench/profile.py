@@ -27,10 +27,17 @@ def available() -> str | None:
 
 @contextlib.contextmanager
 def record(
-    pid: int, out: Path, *, idle: bool = False, seconds: float | None = None, rate: int = 250
+    pid: int,
+    out: Path,
+    *,
+    idle: bool = False,
+    seconds: float | None = None,
+    rate: int = 250,
+    subprocesses: bool = False,
 ) -> Iterator[Path]:
     """Sample `pid` (all its threads) at 250 Hz into `out` (collapsed stacks) until it
-    exits, or for `seconds`."""
+    exits, or until the block ends when `subprocesses` (then its children too, those started
+    later included: gunicorn's recycled workers), or for `seconds`."""
     argv = [
         PY_SPY,
         "record",
@@ -47,12 +54,16 @@ def record(
     ]
     if idle:
         argv.append("--idle")
+    if subprocesses:
+        argv.append("--subprocesses")
     if seconds is not None:
         argv += ["-d", str(max(1, round(seconds)))]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         yield out
     finally:
+        if subprocesses and seconds is None:
+            proc.send_signal(2)  # py-spy writes what it has on SIGINT
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(15 + (seconds or 0))  # py-spy stops by itself at the end
         if proc.poll() is None:
@@ -62,6 +73,9 @@ def record(
 
 INTERESTING = (
     "relay/",
+    "bench/",
+    "http/client.py",
+    "urllib3/",
     "sqlalchemy/engine/base.py",
     "do_commit",
     "do_execute",
@@ -91,7 +105,10 @@ def summarise(paths: list[Path], *, top: int = 25) -> dict[str, Any]:
             if not count_text.isdigit():
                 continue
             count = int(count_text)
-            frames = stack.split(";")
+            # --subprocesses puts "process PID:"COMMAND LINE"" frames first: not code.
+            frames = [f for f in stack.split(";") if not f.startswith("process ")]
+            if not frames:
+                continue
             total += count
             leaves[frames[-1]] += count
             for frame in set(frames):

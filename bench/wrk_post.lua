@@ -1,10 +1,16 @@
 -- wrk script for bench/accept.py: every request POSTs a unique form (a fresh captcha token,
 -- a fresh visitor), counts the answers by status, and prints one JSON line at the end.
--- BENCH_PATH, BENCH_BODY (with {i} where the unique number goes) and BENCH_RUN come from the
--- environment.
+-- BENCH_PATH, BENCH_BODY (with {i} where the unique number goes) and BENCH_HEADERS
+-- ("Name:value|Name:value") come from the environment.
+-- With BENCH_STOP_AFTER=N (and BENCH_THREADS, BENCH_DONE_DIR) each thread stops after its
+-- share of N answers and leaves a file "done.<tid>" in BENCH_DONE_DIR; wrk itself runs until
+-- its duration or a SIGINT, which bench/burst.py sends once every thread's file is there.
 local path = os.getenv("BENCH_PATH") or "/form"
 local template = os.getenv("BENCH_BODY") or "x={i}"
 local extra = os.getenv("BENCH_HEADERS") or ""
+local stop_after = tonumber(os.getenv("BENCH_STOP_AFTER") or "0")
+local thread_count = tonumber(os.getenv("BENCH_THREADS") or "1")
+local done_dir = os.getenv("BENCH_DONE_DIR") or "."
 local threads = {}
 local next_id = 0
 
@@ -16,6 +22,9 @@ end
 
 function init(args)
   counter = 0
+  answered = 0
+  stopped = false
+  share = math.ceil(stop_after / thread_count)
   statuses = {}
   headers = {}
   headers["Content-Type"] = "application/x-www-form-urlencoded"
@@ -33,6 +42,16 @@ end
 
 function response(status, hdrs, body)
   statuses[status] = (statuses[status] or 0) + 1
+  answered = answered + 1
+  if stop_after > 0 and not stopped and answered >= share then
+    stopped = true
+    local marker = io.open(done_dir .. "/done." .. tid, "w")
+    if marker then
+      marker:write(answered)
+      marker:close()
+    end
+    wrk.thread:stop()
+  end
 end
 
 function done(summary, latency, requests)
