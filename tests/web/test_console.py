@@ -340,3 +340,29 @@ def test_the_log_filters_by_form(
     assert [(r["id"], r["form_id"]) for r in rows] == [(default, "default")]
     unknown = client.get("/admin/?form=nosuch").get_data(as_text=True)
     assert set(re.findall(r'href="/admin/messages/([a-z0-9]+)"', unknown)) == {default, sales}
+
+
+def test_the_message_page_shows_its_form(
+    make_app: Callable[..., Flask], outbox: Outbox, web_settings: Any, tmp_path: Path
+) -> None:
+    """The form's id beside the address, linked to that form's log; in Japanese too; a form
+    no longer configured is shown unlinked, an alert mail (no form) without the line."""
+    app = make_app(RELAY_ADMIN_USERS=f"alice:{HASH}", RELAY_FORMS_FILE=str(three_forms(tmp_path)))
+    client = app.test_client()
+    assert sign_in(client).status_code == 303
+    sales = outbox.enqueue(built(web_settings, 1), form_id="sales")
+    default = outbox.enqueue(built(web_settings, 2))
+    gone = outbox.enqueue(built(web_settings, 3), form_id="retired")
+    alert = outbox.enqueue(built(web_settings, 4), form_id=None)
+    html = client.get(f"/admin/messages/{sales}").get_data(as_text=True)
+    assert '<dt>Form</dt><dd><a href="/admin/?form=sales"><code>sales</code></a></dd>' in html, html
+    assert "Form sales" in text_of(html)
+    ja = client.get(f"/admin/messages/{sales}?lang=ja").get_data(as_text=True)
+    assert '<dt>フォーム</dt><dd><a href="/admin/?form=sales&amp;lang=ja">' in ja
+    assert "フォーム sales" in text_of(ja)
+    assert "Form default" in text_of(
+        client.get(f"/admin/messages/{default}").get_data(as_text=True)
+    )
+    retired = client.get(f"/admin/messages/{gone}").get_data(as_text=True)
+    assert "<dt>Form</dt><dd><code>retired</code></dd>" in retired
+    assert "<dt>Form</dt>" not in client.get(f"/admin/messages/{alert}").get_data(as_text=True)

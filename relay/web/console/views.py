@@ -255,6 +255,7 @@ def message(outbox_id: str) -> Response:
         "console_message_detail.html",
         m=detail.message,
         detail=detail,
+        forms=form_ids(),  # the form's id links to its log while the form is configured
         headers=message_headers(detail.body),
         text=body_text(detail.body),
         checks=checks,
