@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_PARTY = {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
 BENCH_SOURCES = sorted([*(ROOT / "bench").rglob("*.py"), ROOT / "bench" / "run"])
 SANDBOX_SOURCES = sorted((ROOT / "relay" / "sandbox").glob("*.py"))
-SANDBOX_MAY_IMPORT = ("relay.config", "relay.errors", "relay.logs", "relay.sandbox")
+SANDBOX_MAY_IMPORT = (
+    "relay.config",
+    "relay.settings",
+    "relay.errors",
+    "relay.logs",
+    "relay.sandbox",
+)
 
 
 def _results() -> dict[str, object]:
