@@ -602,10 +602,87 @@ def test_wire_writer_is_byte_identical_to_the_generator(
         expected = _generator_bytes(headers, payload)
     except (ValueError, TypeError, IndexError) as exc:
         with pytest.raises(type(exc)):
-            message_module._wire([message_module._header(n, v) for n, v in headers], payload)
+            message_module._folded([message_module._header(n, v) for n, v in headers])
         return
-    wire = message_module._wire([message_module._header(n, v) for n, v in headers], payload)
-    assert wire == expected
+    head = message_module._folded([message_module._header(n, v) for n, v in headers])
+    assert message_module._wire(head, payload) == expected
+    _assert_plain_head_matches(name, f"{local}@visitor.test", subject, head)
+
+
+def _assert_plain_head_matches(name: str, reply_to: str, subject: str, folded: bytes) -> None:
+    """Where the direct writer applies, it writes exactly the email package's bytes."""
+    plain = message_module._plain_head(
+        name,
+        "noreply@relay.test",
+        "support@support.test",
+        reply_to,
+        subject,
+        "Sat, 28 Nov 2026 12:30:05 +0000",
+        "<abc.123@relay.test>",
+    )
+    if plain is not None:
+        assert folded.startswith(plain), (plain, folded)
+        assert folded[len(plain) :].startswith(b"MIME-Version: 1.0\r\n")
+
+
+# Printable ASCII words with one space between (what the direct writer takes), or any
+# printable ASCII (leading, trailing and double spaces: what it declines).
+_ASCII_WORDS = st.one_of(
+    st.lists(st.from_regex(r"[!-~]{1,12}", fullmatch=True), max_size=6).map(" ".join),
+    st.from_regex(r"[ -~]{0,70}", fullmatch=True),
+)
+_LOCAL = st.from_regex(r"[a-z0-9]{1,30}", fullmatch=True)
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(name=_ASCII_WORDS, subject=_ASCII_WORDS, local=_LOCAL)
+def test_the_direct_header_writer_is_byte_identical_to_the_email_package(
+    name: str, subject: str, local: str
+) -> None:
+    """Printable ASCII (names with specials, quotes, backslashes, several spaces; subjects up
+    to the folding length): the cases the direct writer takes or declines."""
+    try:
+        headers = [
+            message_module._header(
+                "From", Address(display_name=name, addr_spec="noreply@relay.test")
+            ),
+            message_module._header("To", Address(addr_spec="support@support.test")),
+            message_module._header("Reply-To", Address(addr_spec=f"{local}@visitor.test")),
+            message_module._header("Subject", subject),
+            message_module._header("Date", "Sat, 28 Nov 2026 12:30:05 +0000"),
+            message_module._header("Message-ID", "<abc.123@relay.test>"),
+        ]
+    except (ValueError, TypeError, IndexError):
+        return
+    head = message_module._folded(headers) + message_module._MIME_WIRE
+    _assert_plain_head_matches(name, f"{local}@visitor.test", subject, head)
+
+
+def test_the_direct_header_writer_takes_the_common_case() -> None:
+    plain = message_module._plain_head(
+        "Hanako Yamada via Example Inc.",
+        "noreply@relay.test",
+        "support@support.test",
+        "hanako@visitor.test",
+        "Order 1234 has not arrived",
+        "Sat, 28 Nov 2026 12:30:05 +0000",
+        "<abc.123@relay.test>",
+    )
+    assert plain is not None
+    assert plain.startswith(b'From: "Hanako Yamada via Example Inc." <noreply@relay.test>\r\n')
+    for declined in ("Grüße", "=?utf-8?q?x?=", "x" * 80, "two  spaces"):
+        assert (
+            message_module._plain_head(
+                "Hanako",
+                "noreply@relay.test",
+                "support@support.test",
+                "hanako@visitor.test",
+                declined,
+                "Sat, 28 Nov 2026 12:30:05 +0000",
+                "<abc.123@relay.test>",
+            )
+            is None
+        )
 
 
 def test_a_notice_to_the_operator_is_ours_through_and_through(cfg: Settings) -> None:
