@@ -50,7 +50,13 @@ def _results() -> dict[str, object]:
 
     return {
         "meta": {"quick": True, "n": 300, "cpus": 2},
-        "accept": {"bare": runs(100.0), "sqlite": runs(60.0), "postgres": runs(40.0)},
+        "accept": {
+            "bare": runs(100.0),
+            "essential_sqlite": runs(150.0),
+            "sqlite": runs(60.0),
+            "essential_postgres": runs(100.0),
+            "postgres": runs(40.0),
+        },
         "e2e": {
             "relay": {"messages": 300, "seconds": 1.0, "messages_per_second": 300.0},
             "postfix_opendkim": {"messages": 300, "seconds": 3.0, "messages_per_second": 100.0},
@@ -74,6 +80,7 @@ def test_ratios_divide_ours_by_the_reference() -> None:
 
 def test_goals_take_the_worse_store_and_say_met_or_not() -> None:
     verdicts = {g["goal"].split()[0]: (g["actual"], g["met"]) for g in report.goals(_results())}
+    # Both stores at 0.4 x their essential target; SQLite at 0.6 x bare no longer counts.
     assert verdicts["accept"] == (0.4, False)
     assert verdicts["end"] == (3.0, True)
     assert verdicts["our"] == (2.0, False)
@@ -81,7 +88,8 @@ def test_goals_take_the_worse_store_and_say_met_or_not() -> None:
 
 def test_goals_not_measured_when_a_section_is_missing() -> None:
     goals = report.goals({"meta": {}})
-    assert [g["met"] for g in goals] == [None, None, None]
+    assert goals
+    assert all(g["met"] is None for g in goals)
     assert "not measured" in report.markdown({"meta": {}})
 
 
