@@ -124,13 +124,14 @@ class HCaptchaVerifier:
                 retries=False,
                 preload_content=False,
             )
-            raw = b""
             try:
                 raw = reply.read(MAX_REPLY_BYTES + 1)
-            finally:
-                if len(raw) > MAX_REPLY_BYTES:
-                    reply.close()  # the rest is never read: the connection is not reused
-                reply.release_conn()
+            except BaseException:
+                reply.close()  # a connection broken mid-reply never goes back to the pool
+                raise
+            if len(raw) > MAX_REPLY_BYTES:
+                reply.close()  # the rest is never read: the connection is not reused
+            reply.release_conn()
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             timeout = isinstance(exc, urllib3.exceptions.TimeoutError | TimeoutError)
             event(
