@@ -32,6 +32,7 @@ from email_validator import EmailNotValidError, validate_email
 
 from relay.errors import HeaderInjectionError, MessageError
 from relay.mail.attachments import Attachment, boundary, multipart_body, verify_parts
+from relay.mail.qp import encode as qp_encode
 from relay.settings import Settings
 
 # Limits shared with forms.py: a value longer than this is cut, never refused by the builder.
@@ -45,14 +46,6 @@ METADATA_MAX_ITEMS = 50
 
 # RFC 5322 §2.1.1: a line MUST be no more than 998 characters, excluding the CRLF.
 MAX_LINE = 998
-# RFC 2045 §6.7: encoded lines are no more than 76 characters.
-_QP_LINE = 76
-# Each byte as it goes into a quoted-printable line (white space unless it ends the line).
-_QP_TOKENS = tuple(
-    chr(byte) if (33 <= byte <= 126 and byte != ord("=")) or byte in b" \t" else f"={byte:02X}"
-    for byte in range(256)
-)
-_QP_LINE_START = {".": "=2E", "F": "=46"}
 
 HEADER_SET: tuple[str, ...] = (
     "From",
@@ -241,31 +234,6 @@ def _visitor_address(value: str) -> str:
     return address
 
 
-def _qp_encode(text: str) -> str:
-    """Quoted-printable (RFC 2045 §6.7) with "\\n" line ends, 7-bit, lines <= 76.
-
-    Beyond the RFC, a "." or "F" that would start a physical line is encoded, so neither
-    SMTP dot-stuffing nor mbox "From " quoting by a hop can change the body (and break DKIM).
-    """
-    out: list[str] = []
-    for line in text.encode("utf-8").split(b"\n"):
-        tokens = [_QP_TOKENS[byte] for byte in line]
-        if line and line[-1] in b" \t":  # trailing white space is encoded
-            tokens[-1] = f"={line[-1]:02X}"
-        whole = "".join(tokens)
-        if len(whole) + 2 <= _QP_LINE - 1:  # fits even with its first character encoded
-            out.append(_QP_LINE_START.get(whole[:1], whole[:1]) + whole[1:])
-            continue
-        current = ""
-        for token in tokens:
-            if len(current) + len(token) > _QP_LINE - 1:
-                out.append(current + "=")
-                current = ""
-            current += _QP_LINE_START.get(token, token) if not current else token
-        out.append(current)
-    return "\n".join(out) + "\n"
-
-
 def _fields_text(fields: Sequence[tuple[str, str, bool]]) -> str:
     """A form's fields in its order, "Label: value"; a multi-line value on the lines below
     its label, indented, so no line of it can pass for another field."""
@@ -388,14 +356,14 @@ def _mime(
     """The MIME headers and the payload: one quoted-printable text, or multipart/mixed with
     the files (and its boundary, "" for text)."""
     if not files:
-        return _MIME_HEADERS, _qp_encode(body), ""
+        return _MIME_HEADERS, qp_encode(body), ""
     mark = boundary()
     headers = (
         _MIME_HEADERS[0],
         _header("Content-Type", f'multipart/mixed; boundary="{mark}"'),
         _header("Content-Transfer-Encoding", "7bit"),
     )
-    return headers, multipart_body(_qp_encode(body), files, mark), mark
+    return headers, multipart_body(qp_encode(body), files, mark), mark
 
 
 def _when(sub: Submission, now: datetime | None) -> datetime:
@@ -509,7 +477,7 @@ def build_notice(
                 ]
             )
             + _MIME_WIRE,
-            _qp_encode(body),
+            qp_encode(body),
         )
     except (ValueError, TypeError, IndexError) as exc:
         raise MessageError(f"cannot build the notice: {exc}") from exc

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from relay.errors import HeaderInjectionError, MessageError
 from relay.mail import message as message_module
+from relay.mail import qp
 from relay.mail.message import (
     EMAIL_MAX,
     HEADER_SET,
@@ -597,7 +598,7 @@ def test_wire_writer_is_byte_identical_to_the_generator(
         ("Content-Type", 'text/plain; charset="utf-8"'),
         ("Content-Transfer-Encoding", "quoted-printable"),
     ]
-    payload = message_module._qp_encode(body)
+    payload = qp.encode(body)
     try:
         expected = _generator_bytes(headers, payload)
     except (ValueError, TypeError, IndexError) as exc:
