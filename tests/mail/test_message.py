@@ -610,9 +610,8 @@ def test_wire_writer_is_byte_identical_to_the_generator(
     _assert_plain_head_matches(name, f"{local}@visitor.test", subject, head)
 
 
-def _assert_plain_head_matches(name: str, reply_to: str, subject: str, folded: bytes) -> None:
-    """Where the direct writer applies, it writes exactly the email package's bytes."""
-    plain = message_module._plain_head(
+def _plain_head_for(name: str, reply_to: str, subject: str) -> bytes | None:
+    return message_module._plain_head(
         name,
         "noreply@relay.test",
         "support@support.test",
@@ -621,6 +620,11 @@ def _assert_plain_head_matches(name: str, reply_to: str, subject: str, folded: b
         "Sat, 28 Nov 2026 12:30:05 +0000",
         "<abc.123@relay.test>",
     )
+
+
+def _assert_plain_head_matches(name: str, reply_to: str, subject: str, folded: bytes) -> None:
+    """Where the direct writer applies, it writes exactly the email package's bytes."""
+    plain = _plain_head_for(name, reply_to, subject)
     if plain is not None:
         assert folded.startswith(plain), (plain, folded)
         assert folded[len(plain) :].startswith(b"MIME-Version: 1.0\r\n")
@@ -660,30 +664,13 @@ def test_the_direct_header_writer_is_byte_identical_to_the_email_package(
 
 
 def test_the_direct_header_writer_takes_the_common_case() -> None:
-    plain = message_module._plain_head(
-        "Hanako Yamada via Example Inc.",
-        "noreply@relay.test",
-        "support@support.test",
-        "hanako@visitor.test",
-        "Order 1234 has not arrived",
-        "Sat, 28 Nov 2026 12:30:05 +0000",
-        "<abc.123@relay.test>",
+    plain = _plain_head_for(
+        "Hanako Yamada via Example Inc.", "hanako@visitor.test", "Order 1234 has not arrived"
     )
     assert plain is not None
     assert plain.startswith(b'From: "Hanako Yamada via Example Inc." <noreply@relay.test>\r\n')
     for declined in ("Grüße", "=?utf-8?q?x?=", "x" * 80, "two  spaces"):
-        assert (
-            message_module._plain_head(
-                "Hanako",
-                "noreply@relay.test",
-                "support@support.test",
-                "hanako@visitor.test",
-                declined,
-                "Sat, 28 Nov 2026 12:30:05 +0000",
-                "<abc.123@relay.test>",
-            )
-            is None
-        )
+        assert _plain_head_for("Hanako", "hanako@visitor.test", declined) is None
 
 
 def test_a_notice_to_the_operator_is_ours_through_and_through(cfg: Settings) -> None:
