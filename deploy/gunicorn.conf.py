@@ -48,6 +48,14 @@ loglevel = os.environ.get("FORMRELAY_GUNICORN_LOGLEVEL", "info")
 preload_app = False
 proc_name = "formrelay-web"
 
+# The relay's modules, though, are imported here, once, in the master: a worker forked at start
+# or after max_requests then begins with them in memory and only builds its app (about 0.1 s
+# instead of 1.5 s of imports, which with one worker is time in which no request is served, and
+# CPU the spam burst of bench/run paid at every recycle). Importing relay starts nothing (no
+# thread, socket or engine; tests/test_deploy.py keeps it so). The price: a HUP re-forks
+# workers from these modules, so new code needs a restart, not a reload.
+import relay.web.app  # noqa: E402,F401 - imported for the forked workers
+
 
 # Prometheus (GET /metrics, RELAY_METRICS_TOKEN): with several worker processes each writes its
 # values to files in PROMETHEUS_MULTIPROC_DIR (the systemd unit sets it to its RuntimeDirectory)

@@ -370,3 +370,32 @@ def test_gunicorn_config_loads_the_app(
     else:
         assert result.returncode != 0, output
         assert "RELAY_RATE_LIMIT_STORAGE: memory:// counts in each process" in output
+
+
+def test_importing_the_web_app_starts_nothing() -> None:
+    """deploy/gunicorn.conf.py imports relay.web.app in the master so that forked workers
+    start warm; that is only safe while importing starts no thread and opens no file or
+    socket (a worker would inherit them)."""
+    script = (
+        "import os, threading\n"
+        "before = set(os.listdir('/proc/self/fd'))\n"
+        "import relay.web.app\n"
+        "after = set(os.listdir('/proc/self/fd'))\n"
+        "print(threading.active_count(), sorted(after - before))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=True,
+    )
+    assert result.stdout.split(None, 1) == ["1", "[]\n"], result.stdout + result.stderr
+
+
+def test_the_gunicorn_config_imports_the_relay_in_the_master() -> None:
+    text = (DEPLOY / "gunicorn.conf.py").read_text()
+    assert re.search(r"^import relay\.web\.app\b", text, re.MULTILINE)
+    assert re.search(r"^preload_app = False$", text, re.MULTILINE)

@@ -18,8 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from flask_babel import lazy_gettext as _l
-
 from relay.errors import CaptchaError, MessageError
 from relay.formdefs import FormDef, render_subject
 from relay.holdrules import held_by
@@ -28,6 +26,7 @@ from relay.settings import Settings
 from relay.store.outbox import Outbox
 from relay.web import forms
 from relay.web.captcha import MISSING
+from relay.web.i18n import lazy_gettext as _l
 from relay.web.uploads import Upload
 
 Step = Literal["invalid", "captcha", "unbuildable"]

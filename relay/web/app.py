@@ -23,7 +23,7 @@ from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store.outbox import Outbox
-from relay.web import console, forms
+from relay.web import console, forms, i18n
 from relay.web.body import BodyReader, close_body, limit_for, refuse_unread_body
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
@@ -97,6 +97,7 @@ def create_app(
     )
 
     Babel(app, locale_selector=select_locale)
+    i18n.install(app)
     app.register_blueprint(bp)
     console.register(app, app.extensions["formrelay"])
     app.register_error_handler(HTTPException, handle_http_error)

@@ -27,7 +27,6 @@ from urllib.parse import parse_qsl
 
 import dns.resolver
 from email_validator import EmailNotValidError, validate_email
-from flask_babel import lazy_gettext as _l
 from werkzeug.datastructures import MultiDict
 
 from relay.errors import MessageError
@@ -38,6 +37,7 @@ from relay.mail import mx
 from relay.mail.attachments import Attachment
 from relay.settings import Settings
 from relay.web.captcha import MAX_TOKEN_LENGTH
+from relay.web.i18n import lazy_gettext as _l
 from relay.web.uploads import Upload, check_files
 
 log = logging.getLogger("relay.forms")

@@ -6,6 +6,7 @@ RELAY_FORMS_FILE in the page's language."""
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +21,12 @@ from flask import (
     request,
     url_for,
 )
-from flask_babel import gettext
-from flask_babel import lazy_gettext as _l
+from markupsafe import Markup, escape
 
 from relay.formdefs import FieldDef, FormDef
 from relay.web import forms
+from relay.web.i18n import gettext
+from relay.web.i18n import lazy_gettext as _l
 from relay.web.state import DEFAULT_ENDPOINTS, FORM_ENDPOINTS, current_form, state
 from relay.web.uploads import EXTENSIONS, human_size
 
@@ -45,6 +47,8 @@ DEFAULT_LABELS = {
     "message": _l("Message"),
 }
 AUTOCOMPLETE = {"name": "name", "email": "email", "tel": "tel", "url": "url"}
+INPUT_TYPES = {"text": "text", "email": "email", "tel": "tel", "url": "url", "number": "text"}
+REQUIRED = Markup(' required aria-required="true"')
 
 
 def _(text: str, **variables: Any) -> str:
@@ -53,11 +57,14 @@ def _(text: str, **variables: Any) -> str:
 
 
 def select_locale() -> str:
-    """?lang= wins, then Accept-Language, then English."""
-    lang = request.args.get("lang", "")[:8].lower()
-    if lang in LANGUAGES:
-        return lang
-    return request.accept_languages.best_match(LANGUAGES) or "en"
+    """?lang= wins, then Accept-Language, then English (found once per request)."""
+    found: str | None = g.get("relay_locale")
+    if found is None:
+        lang = request.args.get("lang", "")[:8].lower()
+        if lang not in LANGUAGES:
+            lang = request.accept_languages.best_match(LANGUAGES) or "en"
+        found = g.relay_locale = lang
+    return found
 
 
 def is_embed() -> bool:
@@ -93,16 +100,28 @@ def form_url(form: FormDef, **args: Any) -> str:
 
 
 def field_views(form: FormDef, data: Any, errors: Mapping[str, list[str]]) -> list[dict[str, Any]]:
-    """What the template shows of each field, in the page's language."""
+    """What the template shows of each field, in the page's language; the attributes every
+    field repeats are made here once (a Jinja macro call per field and attribute cost more
+    than the rest of the page)."""
     lang = select_locale()
+    all_required = all(f.required for f in form.fields)
+    optional = Markup(' <span class="optional">{}</span>').format(_("(optional)"))
     views = []
     for spec in form.fields:
         values = [v for v in data.getlist(spec.name) if isinstance(v, str)]
+        label = label_of(form, spec, lang)
+        failed = bool(errors.get(spec.name))
         views.append(
             {
                 "name": spec.name,
                 "type": spec.type,
-                "label": label_of(form, spec, lang),
+                "input_type": INPUT_TYPES.get(spec.type, spec.type),
+                "label": label,
+                "label_text": (
+                    escape(label) if spec.required or all_required else escape(label) + optional
+                ),
+                "aria": aria_attributes(spec.name, failed),
+                "required_attrs": REQUIRED if spec.required else Markup(""),
                 "hint": hint_of(form, spec, lang),
                 "required": spec.required,
                 "maxlength": spec.max_length,
@@ -114,6 +133,14 @@ def field_views(form: FormDef, data: Any, errors: Mapping[str, list[str]]) -> li
             }
         )
     return views
+
+
+@functools.lru_cache(maxsize=512)
+def aria_attributes(name: str, failed: bool) -> Markup:
+    """The field's hint, and its error when it has one, as its description."""
+    if failed:
+        return Markup(' aria-invalid="true" aria-describedby="{0}-hint {0}-error"').format(name)
+    return Markup(' aria-describedby="{}-hint"').format(name)
 
 
 def label_of(form: FormDef, spec: FieldDef, lang: str) -> str:

@@ -17,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import filetype
-from flask_babel import lazy_gettext as _l
 
 from relay.formdefs import FormDef
 from relay.mail.attachments import Attachment, safe_filename
+from relay.web.i18n import lazy_gettext as _l
 
 PROGRAMS = frozenset(
     {

@@ -10,11 +10,11 @@ from email.parser import BytesParser
 from typing import Any
 
 from flask import Response, make_response, render_template, request, url_for
-from flask_babel import lazy_gettext as _l
 
 from relay.logs import event
 from relay.store.retry import human_age
 from relay.web.console.auth import console, csrf_token
+from relay.web.i18n import lazy_gettext as _l
 from relay.web.pages import csp_nonce, select_locale
 from relay.web.state import state
 
