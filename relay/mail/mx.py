@@ -309,12 +309,15 @@ def blocking_resolver(resolver: dns.resolver.BaseResolver) -> dns.resolver.Resol
 def _ask_blocking(
     resolver: dns.resolver.Resolver, name: dns.name.Name, rdtype: str
 ) -> tuple[list[str], _Lookup | None, str]:
-    """_ask for a blocking resolver (same outcomes)."""
+    """_ask for a blocking resolver (same outcomes, on dnswire's lean path alike)."""
     try:
-        answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+        if dnswire.applies_blocking(resolver):
+            texts = dnswire.resolve_texts_blocking(resolver, name, rdtype)
+        else:
+            answer = resolver.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+            texts = [rdata.to_text() for rdata in answer]
     except dns.exception.DNSException as exc:
         return [], *_failure(exc, rdtype)
-    texts = [rdata.to_text() for rdata in answer]
     return (texts, None, "") if texts else ([], *_no_records(rdtype))
 
 

@@ -848,3 +848,106 @@ def test_a_mirrored_source_gone_takes_the_plain_path(monkeypatch: pytest.MonkeyP
         assert dnswire.sources_match() is False
     finally:
         dnswire.sources_match.cache_clear()
+
+
+# --- the blocking twin (the web's visitor-domain check) --------------------------------------
+
+
+class PlainBlocking(dns.resolver.Resolver):
+    """dnspython's blocking resolver under another type: applies_blocking() refuses it."""
+
+
+def blocking_pair(*servers: str, lifetime: float = 2.0) -> tuple[Any, Any]:
+    """(a blocking resolver on the lean path, one on dnspython's) for the same nameservers."""
+    pair = []
+    for cls in (dns.resolver.Resolver, PlainBlocking):
+        resolver = cls(configure=False)
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(host, int(port))
+            for host, port in (s.rsplit(":", 1) for s in servers)
+        ]
+        resolver.cache = None
+        resolver.lifetime = lifetime
+        resolver.timeout = lifetime
+        pair.append(resolver)
+    assert dnswire.applies_blocking(pair[0])
+    assert not dnswire.applies_blocking(pair[1])
+    return pair[0], pair[1]
+
+
+def blocking_outcome(resolver: Any, name: str, rdtype: str) -> tuple[str, Any]:
+    qname = dns.name.from_text(name)
+    try:
+        if dnswire.applies_blocking(resolver):
+            return "ok", dnswire.resolve_texts_blocking(resolver, qname, rdtype)
+        answer = resolver.resolve(qname, rdtype, search=False, raise_on_no_answer=False)
+        return "ok", [rdata.to_text() for rdata in answer]
+    except dns.exception.DNSException as exc:
+        return type(exc).__name__, None
+
+
+BLOCKING_CASES = sorted(
+    {(case, "A") for case, _, _ in ADDRESS_CASES}
+    | {(case, "AAAA") for case, _, _ in ADDRESS_CASES}
+    | {(case, "MX") for case, _, _ in MX_CASES}
+)
+
+
+@pytest.mark.parametrize(("case", "rdtype"), BLOCKING_CASES)
+def test_blocking_queries_as_dnspython_answers_them(
+    scripted: ScriptedDNS, case: str, rdtype: str
+) -> None:
+    lean, reference = blocking_pair(scripted.address)
+    name = f"{case}.lean.test"
+    mine = blocking_outcome(lean, name, rdtype)
+    assert mine == blocking_outcome(reference, name, rdtype)
+    assert BOGUS not in str(mine)
+
+
+def test_blocking_plain_answers_are_read_here(scripted: ScriptedDNS) -> None:
+    lean, _ = blocking_pair(scripted.address)
+    assert blocking_outcome(lean, "plain.lean.test", "A") == ("ok", ["127.0.0.21", "127.0.0.22"])
+    assert blocking_outcome(lean, "nxdomain.lean.test", "MX") == ("NXDOMAIN", None)
+
+
+def test_blocking_truncated_reply_is_asked_again_over_tcp(scripted: ScriptedDNS) -> None:
+    lean, _ = blocking_pair(scripted.address)
+    assert blocking_outcome(lean, "truncated.lean.test", "A") == ("ok", ["127.0.0.41"])
+    assert scripted.queried("truncated.lean.test", "A", "udp") == 1
+    assert scripted.queried("truncated.lean.test", "A", "tcp") == 1
+
+
+def test_blocking_silence_times_out_alike(scripted: ScriptedDNS) -> None:
+    lean, reference = blocking_pair(scripted.address, lifetime=0.3)
+    assert blocking_outcome(lean, "silent.lean.test", "A") == ("LifetimeTimeout", None)
+    assert blocking_outcome(reference, "silent.lean.test", "A") == ("LifetimeTimeout", None)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("mx", True),
+        ("mx-null", False),
+        ("nxdomain", False),
+        ("servfail", None),
+        ("mx-nodata", True),
+        ("nodata", False),
+    ],
+)
+def test_domain_accepts_mail_blocking_as_with_dnspython(
+    scripted: ScriptedDNS, case: str, expected: bool | None
+) -> None:
+    lean, reference = blocking_pair(scripted.address)
+    name = f"{case}.lean.test"
+    assert mx.domain_accepts_mail_blocking(name, lean) is expected
+    assert mx.domain_accepts_mail_blocking(name, reference) is expected
+
+
+def test_the_webs_resolver_takes_the_blocking_lean_path(
+    make_settings: Callable[..., Any], world_dns: DNSZoneServer
+) -> None:
+    settings = make_settings(RELAY_DNS_NAMESERVERS=world_dns.address)
+    web = mx.blocking_resolver(mx.make_resolver(settings))
+    assert dnswire.applies_blocking(web)
+    web.cache = dns.resolver.Cache()
+    assert not dnswire.applies_blocking(web)
