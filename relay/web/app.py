@@ -23,7 +23,7 @@ from relay.mail.mx import make_resolver
 from relay.metrics import Metrics
 from relay.settings import Settings
 from relay.store.outbox import Outbox
-from relay.web import console, forms, i18n
+from relay.web import console, forms, i18n, ratelimit
 from relay.web.body import BodyReader, close_body, limit_for, refuse_unread_body
 from relay.web.captcha import HCaptchaVerifier, Verifier
 from relay.web.handlers import (
@@ -129,7 +129,7 @@ def _limiter(app: Flask, settings: Settings) -> Limiter:
                 settings.rate_limit_global, key_function=everyone, exempt_when=not_post
             )
         ],
-        storage_uri=settings.rate_limit_storage,
+        storage_uri=ratelimit.storage_uri(settings.rate_limit_storage),
         headers_enabled=False,
         swallow_errors=True,
         in_memory_fallback_enabled=True,

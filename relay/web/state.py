@@ -20,6 +20,7 @@ from relay.formdefs import FormDef
 from relay.logs import event
 from relay.metrics import Metrics
 from relay.settings import Settings
+from relay.web import ratelimit
 from relay.web.captcha import Verifier
 
 log = logging.getLogger("relay.web")
@@ -50,7 +51,9 @@ class FormLimits:
         }
         if not by_form:
             return cls()
-        storage = storage_from_string(settings.rate_limit_storage, key_prefix="formrelay-forms")
+        storage = storage_from_string(
+            ratelimit.storage_uri(settings.rate_limit_storage), key_prefix="formrelay-forms"
+        )
         return cls(MovingWindowRateLimiter(storage), by_form)
 
 

@@ -36,6 +36,7 @@ from wtforms.validators import ValidationError
 
 from relay.logs import event
 from relay.settings import Settings
+from relay.web import ratelimit
 
 log = logging.getLogger("relay.console")
 
@@ -74,7 +75,9 @@ class ConsoleState:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConsoleState:
-        storage = storage_from_string(settings.rate_limit_storage, key_prefix="formrelay-console")
+        storage = storage_from_string(
+            ratelimit.storage_uri(settings.rate_limit_storage), key_prefix="formrelay-console"
+        )
         hasher = PasswordHasher()
         return cls(
             settings=settings,
