@@ -224,9 +224,9 @@ def measure(
     its dict goes to results["burst"].
 
     With `profile_to`, py-spy samples the master and its workers (--subprocesses) during the
-    runs: gunicorn recycles a worker after max_requests (2,000 + jitter), so a py-spy attached
-    to the worker of the moment lost every later one (and with it the whole profile, when the
-    recycling came right after the warm-up)."""
+    runs: gunicorn may recycle a worker after max_requests (FORMRELAY_MAX_REQUESTS), so a
+    py-spy attached to the worker of the moment lost every later one (and with it the whole
+    profile, when the recycling came right after the warm-up)."""
     body = body_template(run)
     results: dict[str, Any] = {"runs": []}
     with gunicorn(app, env, log, gunicorn_args) as (base, proc), Sampler(proc.pid) as sampler:
@@ -251,8 +251,8 @@ def measure(
             run["server_cpu_ms_per_request"] = round(
                 (server_cpu_seconds(proc.pid) - cpu) / max(1, run["requests"]) * 1000, 3
             )
-            # A worker recycled after max_requests (as deployed) charges its successor's boot
-            # (imports, app, store: ~0.5-1 s of CPU) to the run it happened in.
+            # A worker recycled after max_requests charges its successor's boot (its app and
+            # store; the master imported the modules) to the run it happened in.
             run["worker_restarts"] = len(sampler.workers_seen() - seen)
             results["runs"].append(run)
         spies.close()

@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-recycle",
         action="store_true",
-        help="accept: gunicorn --max-requests 0 for every target (no worker recycled after "
-        "2,000 requests mid-run: steadier figures, but not as deployed)",
+        help="accept: gunicorn --max-requests 0 for every target (already the deployed "
+        "default with one worker; this also covers a FORMRELAY_MAX_REQUESTS in the environment)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--no-save", action="store_true", help="print only; write no results")

@@ -60,8 +60,9 @@ def accept_markdown(results: dict[str, Any], r: dict[str, float | None]) -> list
     lines += [
         "",
         "CPU ms/req: the gunicorn workers' CPU (user + system, recycled workers included) over "
-        "the run, per request. A worker recycled after max_requests (2,000 + jitter, as "
-        "deployed) charges its successor's boot to the run it happened in (worker restarts)"
+        "the run, per request. A worker recycled after max_requests (deploy/gunicorn.conf.py: "
+        "never with the one worker of memory:// limits; 2,000 + jitter before issue 18) "
+        "charges its successor's boot to the run it happened in (worker restarts)"
         + (
             "; this run had recycling off (--no-recycle)."
             if (results.get("meta") or {}).get("accept_no_recycle")

@@ -32,7 +32,14 @@ worker_class = "gthread"
 timeout = 30
 graceful_timeout = 20
 keepalive = 5
-max_requests = 2000
+# Recycling a worker after max_requests guards against slow leaks at the price of a gap: the
+# worker finishes its requests and exits, and only then does the master fork its successor
+# (about half a second before it serves again). With several workers the others serve
+# meanwhile; with the one of memory:// limits every visitor waits, and in bench/run a spam
+# burst of 2,000 posts met a recycle every time (real submissions' p99 2.8-3.2 s with it,
+# 0.7-0.9 s without). So only several workers are recycled by default; FORMRELAY_MAX_REQUESTS
+# sets it either way (0: never).
+max_requests = int(os.environ.get("FORMRELAY_MAX_REQUESTS", 2000 if workers > 1 else 0))
 max_requests_jitter = 200
 # Bodies are capped by nginx (client_max_body_size) and by the app; these stop header abuse.
 limit_request_line = 8190

@@ -399,3 +399,26 @@ def test_the_gunicorn_config_imports_the_relay_in_the_master() -> None:
     text = (DEPLOY / "gunicorn.conf.py").read_text()
     assert re.search(r"^import relay\.web\.app\b", text, re.MULTILINE)
     assert re.search(r"^preload_app = False$", text, re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, 0),
+        ({"RELAY_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379"}, 2000),
+        ({"FORMRELAY_MAX_REQUESTS": "500"}, 500),
+    ],
+)
+def test_only_several_workers_are_recycled_by_default(
+    env: dict[str, str], expected: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recycling the one worker of memory:// limits leaves nobody serving for a moment."""
+    for name in ("RELAY_RATE_LIMIT_STORAGE", "FORMRELAY_MAX_REQUESTS", "FORMRELAY_WEB_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RELAY_WEB_PROCESSES", "1")  # the file sets it; undone after the test
+    namespace: dict[str, object] = {}
+    path = DEPLOY / "gunicorn.conf.py"
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    assert namespace["max_requests"] == expected
