@@ -197,11 +197,7 @@ async def resolve_texts(
             request.set_random_id()  # type: ignore[no-untyped-call]
             timeout = resolver._compute_timeout(start, None, resolution.errors)
             try:
-                destination = (
-                    _udp_destination(nameserver.address, nameserver.port)
-                    if not tcp and type(nameserver) is dns.nameserver.Do53Nameserver
-                    else None
-                )
+                destination = _lean_destination(nameserver, tcp)
                 if destination is None:
                     response: dns.message.Message | list[str] = await nameserver.async_query(
                         request,
@@ -251,11 +247,7 @@ def resolve_texts_blocking(
             request.set_random_id()  # type: ignore[no-untyped-call]
             timeout = resolver._compute_timeout(start, None, resolution.errors)
             try:
-                destination = (
-                    _udp_destination(nameserver.address, nameserver.port)
-                    if not tcp and type(nameserver) is dns.nameserver.Do53Nameserver
-                    else None
-                )
+                destination = _lean_destination(nameserver, tcp)
                 if destination is None:
                     response: dns.message.Message | list[str] = nameserver.query(
                         request, timeout=timeout, source=None, source_port=0, max_size=tcp
@@ -270,6 +262,14 @@ def resolve_texts_blocking(
             answer, done = resolution.query_result(response, None)
             if answer is not None:
                 return [rdata.to_text() for rdata in answer]
+
+
+def _lean_destination(nameserver: dns.nameserver.Nameserver, tcp: bool) -> _Destination | None:
+    """Where this path sends the query itself: a Do53 nameserver over UDP; None leaves the
+    query to dnspython (TCP, DoH, DoT, a multicast address...)."""
+    if tcp or type(nameserver) is not dns.nameserver.Do53Nameserver:
+        return None
+    return _udp_destination(nameserver.address, nameserver.port)
 
 
 @functools.lru_cache(maxsize=64)
